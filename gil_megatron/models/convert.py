@@ -1,0 +1,130 @@
+"""HF Llama directory <-> our TP/PP-sharded directory, streaming one tensor at a time.
+
+Peak memory stays near one output shard plus one input tensor: each (tp, pp) shard is built from
+tensors read lazily out of the safetensors files, written, and dropped before the next.
+"""
+
+import json
+import os
+from typing import Callable, Optional
+
+from safetensors.torch import save_file
+
+from gil_megatron.models import hf_mapping
+from gil_megatron.models.config import ROLES, LlamaArchConfig
+from gil_megatron.models.weights import (
+    CheckpointError, HFReader, arch_of, atomic_directory, hf_tensors_of_stage, save_shard,
+    state_for_rank, write_meta,
+)
+
+Progress = Callable[[str], None]
+
+
+def hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, role: str = "actor",
+                   num_groups: int = 2, seed: int = 0, progress: Optional[Progress] = None) -> str:
+    """Convert; returns a one-line note on the heads (loaded or freshly initialised)."""
+    if role not in ROLES:
+        raise CheckpointError(f"--model-type {role!r} is not one of {list(ROLES)}")
+    arch = LlamaArchConfig.from_hf_dir(hf_dir)
+    arch.num_groups = num_groups
+    arch.check_layout(tp, pp)
+    reader = HFReader(hf_dir)
+    note = _head_note(arch, role, reader)
+    has_score = reader.has("score.weight") and _score_rows(reader) == (1 if role == "reward" else 1 + num_groups)
+    if role == "critic" and reader.has("score.weight") and not has_score and _score_rows(reader) == 1:
+        # a reward model's score row seeds the value head; group rows start fresh
+        value_row = reader("score.weight")
+        head = hf_mapping.fresh_score_head(arch, role, seed)
+        head[0] = value_row[0]
+        base = reader
+
+        def reader_with_head(name, base=base, head=head):
+            return head if name == "score.weight" else base(name)
+        read, has = reader_with_head, (lambda name: True)
+    else:
+        read, has = reader, (lambda name: has_score)
+    total = tp * pp
+    with atomic_directory(out_dir) as tmp:
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                state = state_for_rank(arch, role, read, tp_rank, tp, pp_rank, pp, has=has, seed=seed)
+                save_shard(tmp, tp_rank, pp_rank, state)
+                del state
+                if progress:
+                    progress(f"wrote shard tp={tp_rank} pp={pp_rank} ({pp_rank * tp + tp_rank + 1}/{total})")
+        write_meta(tmp, arch, role, tp, pp, source=os.path.abspath(hf_dir))
+        _copy_tokenizer_files(hf_dir, tmp)
+    reader.close()
+    return note
+
+
+def megatron_to_hf(ckpt_dir: str, out_dir: str, progress: Optional[Progress] = None) -> None:
+    """Write a HF directory: one safetensors file per pipeline stage (memory: one stage)."""
+    arch, role, tp, pp = arch_of(ckpt_dir)
+    dtype = None
+    with atomic_directory(out_dir) as tmp:
+        weight_map = {}
+        for pp_rank in range(pp):
+            fname = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
+            tensors = {name: t.contiguous() for name, t in hf_tensors_of_stage(ckpt_dir, pp_rank)}
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in tensors})
+            dtype = dtype or next(iter(tensors.values())).dtype
+            if progress:
+                progress(f"wrote {len(tensors)} tensors of stage {pp_rank + 1}/{pp} to {fname}")
+            del tensors
+        if pp > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        hf_config = arch.to_hf_dict(role)
+        hf_config["torch_dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        _copy_tokenizer_files(ckpt_dir, tmp)
+
+
+def _score_rows(reader: HFReader) -> int:
+    return reader("score.weight").shape[0]
+
+
+def _head_note(arch: LlamaArchConfig, role: str, reader: HFReader) -> str:
+    if role == "actor":
+        if not reader.has("lm_head.weight") and not arch.tie_word_embeddings:
+            raise CheckpointError(
+                f"{reader.hf_dir} has no lm_head.weight and tie_word_embeddings is false: "
+                "it is not a causal LM; use --model-type reward or critic"
+            )
+        return "actor: trunk and lm_head loaded"
+    if not reader.has("score.weight"):
+        return f"{role}: trunk loaded from a causal LM; the score head is freshly initialised"
+    rows = _score_rows(reader)
+    want = 1 if role == "reward" else 1 + arch.num_groups
+    if rows == want:
+        return f"{role}: trunk and score head loaded"
+    if role == "critic" and rows == 1:
+        return "critic: trunk and value head loaded from a reward model; the group head is freshly initialised"
+    raise CheckpointError(f"score.weight has {rows} rows but a {role} needs {want}")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "generation_config.json")
+
+
+def _copy_tokenizer_files(src: str, dst: str) -> None:
+    import shutil
+
+    for name in _TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copy(path, os.path.join(dst, name))
+
+
+def save_fresh_model(arch: LlamaArchConfig, role: str, out_dir: str, tp: int, pp: int, seed: int) -> None:
+    """Write a randomly initialised model (same numbers for every layout) in our format."""
+    arch.check_layout(tp, pp)
+    full = hf_mapping.init_hf_state_dict(arch, role, seed)
+    with atomic_directory(out_dir) as tmp:
+        for pp_rank in range(pp):
+            for tp_rank in range(tp):
+                save_shard(tmp, tp_rank, pp_rank, state_for_rank(arch, role, full.__getitem__, tp_rank, tp, pp_rank, pp))
+        write_meta(tmp, arch, role, tp, pp, source=f"random init, seed {seed}")

@@ -1,0 +1,184 @@
+"""Llama on megatron-core's GPTModel: one trunk, three roles.
+
+- actor / reference: causal LM; logits are vocab-parallel [b, s, V_padded/tp] with the padded
+  vocabulary entries set to -inf, so every softmax ignores them.
+- critic: per-token value and GIL group logits from one head on the trunk's final hidden state,
+  returned as [b, s, 1 + M] (channel 0 = value, 1..M = group logits).
+- reward: per-token scalar [b, s]; the score is read at the last non-pad token (score_at_last()).
+
+The heads replace GPTModel's vocab projection (``output_layer``) on the last pipeline stage and are
+called through GPTModel's ``output_processor`` hook, so the trunk, TP and PP are megatron's own.
+Layer spec: transformer-engine when importable (GPU), megatron-core's local spec otherwise.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from gil_megatron.models.config import ROLES, LlamaArchConfig
+
+try:  # optional GPU accelerator; never required
+    import transformer_engine  # noqa: F401
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    HAVE_TE = True
+except Exception:  # ImportError, or a TE build that does not match this torch
+    HAVE_TE = False
+
+
+def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    arch.check_layout(tp, pp)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        # Weights always come from a (converted or freshly initialised) full state dict, so that
+        # every layout starts from identical numbers; megatron's own init would be wasted work.
+        perform_initialization=False,
+        use_cpu_initialization=not on_gpu,
+        # Fusions are CUDA kernels; the unfused paths are exact and run anywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # Batches of different sequence length go through one pipeline; megatron needs the
+        # all-to-all dispatcher setting for that even in a dense model.
+        variable_seq_lengths=pp > 1,
+        moe_token_dispatcher_type="alltoall",
+        deallocate_pipeline_outputs=False,
+    )
+
+
+class ValueAndGroupHead(torch.nn.Module):
+    """Critic head: one bias-free projection hidden -> 1 + M (value, then M group logits).
+
+    Stored in HF as LlamaForSequenceClassification ``score.weight`` with num_labels = 1 + M.
+    The group rows start random, so group assignments are not exactly uniform (a stationary point
+    of the variance objective)."""
+
+    def __init__(self, hidden_size: int, num_groups: int, dtype: torch.dtype):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1 + num_groups, bias=False, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden_states)
+
+
+class ScalarHead(torch.nn.Module):
+    """Reward-model head: bias-free hidden -> 1 (HF LlamaForSequenceClassification, num_labels=1)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden_states).squeeze(-1)
+
+
+class LlamaModel(GPTModel):
+    """GPTModel with a role. forward(input_ids, position_ids=None) -> [b, s, ...] on the last
+    stage, hidden states [s, b, h] on the others (megatron's pipeline contract)."""
+
+    def __init__(self, arch: LlamaArchConfig, role: str, params_dtype: torch.dtype = torch.float32,
+                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
+        if role not in ROLES:
+            raise ValueError(f"unknown model role {role!r}; valid: {list(ROLES)}")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if pre_process is None:
+            pre_process = parallel_state.is_pipeline_first_stage()
+        if post_process is None:
+            post_process = parallel_state.is_pipeline_last_stage()
+        config = transformer_config(arch, params_dtype)
+        spec = (get_gpt_layer_with_transformer_engine_spec() if HAVE_TE and torch.cuda.is_available()
+                else get_gpt_layer_local_spec(normalization="RMSNorm"))
+        tied = arch.tie_word_embeddings and role == "actor"
+        super().__init__(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.padded_vocab_size(tp),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=tied,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+        )
+        self.arch = arch
+        self.role = role
+        self.using_te = spec is not None and HAVE_TE and torch.cuda.is_available()
+        if post_process and role == "critic":
+            self.output_layer = ValueAndGroupHead(arch.hidden_size, arch.num_groups, params_dtype)
+        elif post_process and role == "reward":
+            self.output_layer = ScalarHead(arch.hidden_size, params_dtype)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                inference_context=None) -> torch.Tensor:
+        if position_ids is None:
+            # sequences are right-padded and contiguous (prompt then response): positions 0..s-1
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            position_ids = position_ids.expand_as(input_ids)
+        return super().forward(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=None,  # causal mask inside attention; right padding needs no other
+            inference_context=inference_context,
+            output_processor=self._head,
+        )
+
+    def _head(self, hidden_states, output_layer, output_weight, **_):
+        # hidden_states: [s, b, h] after the final RMSNorm
+        if self.role != "actor":
+            return output_layer(hidden_states).transpose(0, 1).contiguous()  # [b, s(, 1+M)]
+        logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        logits = mask_padded_vocab(logits, self.arch.vocab_size)
+        return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set logits of padded vocabulary ids (>= vocab_size) on this TP shard to -inf."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    shard = logits.shape[-1]
+    start = tp_rank * shard
+    if start + shard <= vocab_size:
+        return logits
+    n_real = max(vocab_size - start, 0)
+    pad = torch.full_like(logits[..., n_real:], float("-inf"))
+    return torch.cat([logits[..., :n_real], pad], dim=-1)
+
+
+def split_critic_output(out: torch.Tensor):
+    """[b, s, 1 + M] -> values [b, s], group_logits [b, s, M]."""
+    return out[..., 0], out[..., 1:]
+
+
+def score_at_last(per_token: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Pick per-token outputs [b, s, ...] at the last real token of each row (lengths [b])."""
+    index = (lengths - 1).clamp(min=0)
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), index]
