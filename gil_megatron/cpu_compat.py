@@ -19,6 +19,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.transformer.utils",  # the default causal mask
+    "megatron.core.utils",  # the apex-free multi-tensor l2 norm used by grad clipping
 )
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -18,6 +17,7 @@ from gil_megatron.models.pipeline import LossFn, run_microbatches
 
 @dataclass
 class OptimSettings:
+    SECTION = "optim"  # messages name fields as optim.x; config.validate_tree puts the real path
     lr: float = 1e-5
     """Peak learning rate."""
     min_lr: float = 0.0
@@ -35,7 +35,7 @@ class OptimSettings:
     decay_style: str = "cosine"
     """constant | linear | cosine"""
 
-    def __post_init__(self):
+    def validate(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         if self.decay_style not in ("constant", "linear", "cosine"):
@@ -87,8 +87,21 @@ class Trainable:
         self.optimizer.zero_grad()
         return run_microbatches(self.model, microbatches, loss_fn)
 
+    def grads_finite(self) -> bool:
+        """All ranks agree whether every accumulated gradient is finite (one all-reduce)."""
+        finite = all(bool(torch.isfinite(p.main_grad).all()) for p in self.model.module.parameters()
+                     if getattr(p, "main_grad", None) is not None)
+        flag = torch.tensor(1.0 if finite else 0.0, device=_device())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def step(self) -> Tuple[bool, float]:
-        """Clip, step, advance the LR schedule. Returns (updated, grad_norm)."""
+        """Clip, step, advance the LR schedule. Returns (updated, grad_norm). A non-finite gradient
+        anywhere skips the update on every rank (the caller counts skips)."""
+        if not self.grads_finite():
+            self.optimizer.zero_grad()
+            return False, float("nan")
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
@@ -112,5 +125,5 @@ def main_grads(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
             if getattr(p, "main_grad", None) is not None}
 
 
-def dp_group():
-    return parallel_state.get_data_parallel_group()
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

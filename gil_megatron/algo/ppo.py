@@ -466,11 +466,12 @@ def kl_loss(
     response_mask: torch.Tensor,
     estimator: str = "k3",
     mode: str = "token_mean",
+    normalizer: Optional[Scalar] = None,
 ) -> torch.Tensor:
     """KL to the reference as a loss term (GRPO-style, instead of in the reward):
     aggregate(KL_estimator(logprobs, ref_logprobs)) -> 0-dim. k3 is the usual choice here: it is
-    non-negative and its gradient is well behaved."""
-    return aggregate_loss(kl_per_token(logprobs, ref_logprobs, estimator), response_mask, mode)
+    non-negative and its gradient is well behaved. ``normalizer`` as in aggregate_loss."""
+    return aggregate_loss(kl_per_token(logprobs, ref_logprobs, estimator), response_mask, mode, normalizer)
 
 
 # ---------------------------------------------------------------------------------------------

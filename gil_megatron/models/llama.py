@@ -133,6 +133,7 @@ class LlamaModel(GPTModel):
         self.arch = arch
         self.role = role
         self.using_te = spec is not None and HAVE_TE and torch.cuda.is_available()
+        self.detach_group_trunk = False  # critic: stop the group head's gradient at the trunk
         if post_process and role == "critic":
             self.output_layer = ValueAndGroupHead(arch.hidden_size, arch.num_groups, params_dtype)
         elif post_process and role == "reward":
@@ -154,6 +155,11 @@ class LlamaModel(GPTModel):
 
     def _head(self, hidden_states, output_layer, output_weight, **_):
         # hidden_states: [s, b, h] after the final RMSNorm
+        if self.role == "critic" and self.detach_group_trunk:
+            weight = output_layer.score.weight
+            value = hidden_states @ weight[:1].t()
+            groups = hidden_states.detach() @ weight[1:].t()
+            return torch.cat([value, groups], dim=-1).transpose(0, 1).contiguous()
         if self.role != "actor":
             return output_layer(hidden_states).transpose(0, 1).contiguous()  # [b, s(, 1+M)]
         logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]

@@ -209,23 +209,26 @@ def model_state_for_save(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state") and v is not None}
 
 
-def load_model_weights(model: torch.nn.Module, ckpt_dir: str, tp_rank: int, tp: int, pp_rank: int, pp: int,
-                       expect_role: Optional[str] = None) -> None:
-    """Load this rank's weights from a checkpoint of any layout (resharding when it differs)."""
+def load_model_weights(model: torch.nn.Module, ckpt_dir: str, tp_rank: int, tp: int, pp_rank: int, pp: int) -> None:
+    """Load this rank's weights from a checkpoint of any layout (resharding when it differs).
+
+    The model's role may differ from the checkpoint's: a critic starts from a reward model (its
+    score row seeds the value head, group rows start fresh) or from an LM (fresh head); a reward
+    model starts from an LM (fresh head)."""
     arch, role, ck_tp, ck_pp = arch_of(ckpt_dir)
-    if expect_role and role != expect_role and not (expect_role == "critic" and role in ("reward", "actor")):
-        raise CheckpointError(f"{ckpt_dir} holds a {role} model, but a {expect_role} was asked for")
-    if (ck_tp, ck_pp) == (tp, pp) and role == getattr(model, "role", role):
+    target = model.role
+    if (ck_tp, ck_pp) == (tp, pp) and role == target:
         load_into_model(model, load_shard(ckpt_dir, tp_rank, pp_rank))
         return
+    if target == "actor" and role != "actor":
+        raise CheckpointError(f"{ckpt_dir} holds a {role} model (no LM head); an actor needs a causal-LM checkpoint")
     reader = CheckpointReader(ckpt_dir)
-    target_role = getattr(model, "role", role)
-    has_score = reader.has("score.weight") and (
-        target_role == role or (target_role == "reward" and role == "reward"))
-    arch.check_layout(tp, pp)
-    state = state_for_rank(model.arch, target_role, reader, tp_rank, tp, pp_rank, pp,
-                           has=lambda name: has_score)
-    load_into_model(model, state)
+    read, has = reader, (lambda name: role == target)
+    if target == "critic" and role == "reward":
+        head = hf_mapping.fresh_score_head(model.arch, target, seed=0)
+        head[0] = reader("score.weight")[0]
+        read, has = (lambda name: head if name == "score.weight" else reader(name)), (lambda name: True)
+    load_into_model(model, state_for_rank(model.arch, target, read, tp_rank, tp, pp_rank, pp, has=has))
 
 
 def save_model_weights(model: torch.nn.Module, out_dir: str, tp_rank: int, pp_rank: int) -> None:

@@ -1,0 +1,407 @@
+"""Every knob as a typed dataclass: YAML file + dotted CLI overrides, validated up front.
+
+    cfg = load_config(PPOConfig, "examples/configs/miniature.yaml", ["ppo.kl_coef=0.05"])
+
+OmegaConf structured configs do the merging and type checks (unknown keys and wrong types are
+errors); each dataclass's ``validate()`` then checks values after merging and names the field
+and the fix. All errors surface as ``ConfigError`` with one line.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Type, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gil_megatron.optim import OptimSettings
+
+T = TypeVar("T")
+
+ALGOS = ("ppo", "ppo_no_kl", "gil", "gil_no_adaptive_kl", "gil_no_invariance")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: divides attention heads, KV heads and the FFN size."""
+    pp: int = 1
+    """Pipeline-parallel size: divides the number of layers. dp = world / (tp * pp)."""
+
+    def validate(self):
+        _require(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
+        _require(self.pp >= 1, f"parallel.pp={self.pp} must be >= 1")
+
+
+@dataclass
+class ModelsConfig:
+    actor: str = "???"
+    """Our sharded checkpoint of the SFT policy (tools/convert_hf_checkpoint.py makes one)."""
+    reference: Optional[str] = None
+    """Frozen reference policy for the KL; defaults to ``actor``."""
+    critic: Optional[str] = None
+    """Critic initialisation (a reward model, or an LM); defaults to ``reward_model`` then ``actor``."""
+    reward_model: Optional[str] = None
+    """Reward-model checkpoint; exactly one of reward_model / reward_fn."""
+    reward_fn: Optional[str] = None
+    """``module:function`` taking (prompts, responses) lists of str and returning a list of floats."""
+    gold_reward_fn: Optional[str] = None
+    """Optional ``module:function`` true reward, logged beside the trained-on reward (never optimised):
+    the gap between the two is reward hacking."""
+    tokenizer: Optional[str] = None
+    """Directory with tokenizer.json; defaults to the actor checkpoint directory."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16"""
+
+    def validate(self):
+        _require((self.reward_model is None) != (self.reward_fn is None),
+                 "models: set exactly one of models.reward_model (a checkpoint) or models.reward_fn (module:function)")
+        for name in ("reward_fn", "gold_reward_fn"):
+            spec = getattr(self, name)
+            _require(spec is None or ":" in spec, f"models.{name}={spec!r} must look like 'package.module:function'")
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"models.dtype={self.dtype!r}; valid: auto, fp32, bf16")
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = "???"
+    """jsonl or saved HF dataset: {"prompt": ..., "group"?: ...} or HH-RLHF chosen/rejected."""
+    eval_prompts: Dict[str, str] = field(default_factory=dict)
+    """Named held-out prompt sets evaluated every train.eval_every iterations (e.g. eval, ood)."""
+    max_prompt_length: int = 64
+    """Prompts longer than this (tokens, incl. BOS) are an error unless too_long=drop."""
+    too_long: str = "error"
+    """error | drop"""
+
+    def validate(self):
+        _require(self.max_prompt_length > 0, f"data.max_prompt_length={self.max_prompt_length} must be > 0")
+        _require(self.too_long in ("error", "drop"), f"data.too_long={self.too_long!r}; valid: error, drop")
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64
+    """Prompts per PPO iteration (global, across data-parallel ranks)."""
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = off."""
+    greedy: bool = False
+    micro_batch_size: int = 16
+    """Sequences per forward in no-grad scoring (per data-parallel rank)."""
+
+    def validate(self):
+        _require(self.batch_size > 0, f"rollout.batch_size={self.batch_size} must be > 0")
+        _require(self.max_new_tokens > 0, f"rollout.max_new_tokens={self.max_new_tokens} must be > 0")
+        _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0 (use rollout.greedy=true)")
+        _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
+        _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0")
+        _require(self.micro_batch_size > 0, f"rollout.micro_batch_size={self.micro_batch_size} must be > 0")
+
+
+@dataclass
+class PPOSettings:
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batch_size: int = 64
+    """Sequences per optimizer step (global); divides rollout.batch_size."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward (per data-parallel rank); gradient accumulation fills the mini-batch."""
+    clip_eps: float = 0.2
+    clip_ratio_c: Optional[float] = None
+    """Dual-clip constant (> 1) for negative advantages; null = off."""
+    value_clip: Optional[float] = 0.2
+    vf_coef: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    """Initial / fixed KL coefficient (eta of the paper)."""
+    kl_estimator: str = "k1"
+    kl_in: str = "reward"
+    """reward (per-token penalty, the paper's) | loss (GRPO-style KL loss term)"""
+    target_kl: Optional[float] = None
+    """Adaptive KL controller target (Ziegler et al.); null = fixed coefficient."""
+    kl_horizon: int = 10000
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    normalize_reward: bool = False
+    """Running mean/std normalisation of reward-model scores."""
+    reward_clip: Optional[float] = None
+    loss_agg_mode: str = "seq_mean_token_mean"
+
+    def validate(self):
+        _require(self.epochs >= 1, f"ppo.epochs={self.epochs} must be >= 1")
+        _require(self.clip_eps > 0, f"ppo.clip_eps={self.clip_eps} must be > 0")
+        _require(self.clip_ratio_c is None or self.clip_ratio_c > 1, f"ppo.clip_ratio_c={self.clip_ratio_c} must be > 1")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"ppo.gamma={self.gamma}, ppo.lam={self.lam} must be in [0, 1]")
+        _require(self.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator={self.kl_estimator!r}; valid: k1, k2, k3")
+        _require(self.kl_in in ("reward", "loss"), f"ppo.kl_in={self.kl_in!r}; valid: reward, loss")
+        _require(self.kl_coef >= 0, f"ppo.kl_coef={self.kl_coef} must be >= 0")
+        _require(self.loss_agg_mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+                 f"ppo.loss_agg_mode={self.loss_agg_mode!r}; valid: token_mean, seq_mean_token_mean, seq_mean_token_sum")
+
+
+@dataclass
+class GILSettings:
+    num_groups: int = 2
+    """M, the number of latent groups (the critic's group head has M outputs)."""
+    beta_policy: float = 1.0
+    """Weight of the group-invariant term in the policy loss."""
+    beta_critic: float = 1.0
+    """Weight of -R_var in the critic loss (gradient ascent on the variance; 1 in the paper)."""
+    min_group_mass: float = 0.1
+    """Anti-collapse: hinge penalty when a group's batch-mean assignment falls below this."""
+    mass_penalty_coef: float = 1.0
+    entropy_coef: float = 0.0
+    """Anti-collapse: bonus on the entropy of the batch-mean assignment."""
+    performance: str = "whitened_score"
+    """whitened_score (reward-model score whitened over the batch) | mc_return"""
+    detach_trunk: bool = False
+    """Stop the group head's gradient at the critic trunk."""
+
+    def validate(self):
+        _require(self.num_groups >= 2, f"gil.num_groups={self.num_groups} must be >= 2")
+        _require(self.performance in ("whitened_score", "mc_return"),
+                 f"gil.performance={self.performance!r}; valid: whitened_score, mc_return")
+        _require(0 <= self.min_group_mass < 1.0 / self.num_groups,
+                 f"gil.min_group_mass={self.min_group_mass} must be in [0, 1/num_groups)")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100
+    eval_every: int = 0
+    """Evaluate data.eval_prompts every N iterations (0 = only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N iterations (0 = only at the end)."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive iterations with non-finite values (each is skipped)."""
+
+    def validate(self):
+        _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    resume: str = "auto"
+    """auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint directory"""
+    keep_last: int = 2
+    """Older checkpoints are deleted once a newer one is complete."""
+
+    def validate(self):
+        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    """Log to wandb (offline unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "gil_megatron"
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class PPOConfig:
+    """The rollout-then-train job of examples/run_gil_ppo.sh."""
+
+    run_dir: str = "runs/gil_ppo"
+    seed: int = 1234
+    algo: str = "gil"
+    """ppo | ppo_no_kl | gil | gil_no_adaptive_kl | gil_no_invariance"""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    gil: GILSettings = field(default_factory=GILSettings)
+    actor_optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-6))
+    critic_optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self):
+        _require(self.algo in ALGOS, f"algo={self.algo!r}; valid: {', '.join(ALGOS)}")
+        _require(self.rollout.batch_size % self.ppo.mini_batch_size == 0,
+                 f"ppo.mini_batch_size={self.ppo.mini_batch_size} must divide rollout.batch_size={self.rollout.batch_size}")
+
+    def check_world(self, world_size: int) -> int:
+        """Validate batch arithmetic against the launched world; returns dp."""
+        tp, pp = self.parallel.tp, self.parallel.pp
+        _require(world_size % (tp * pp) == 0,
+                 f"world size {world_size} is not divisible by parallel.tp*parallel.pp={tp}*{pp}; "
+                 f"launch a multiple of {tp * pp} ranks (NPROC) or change parallel.tp/pp")
+        dp = world_size // (tp * pp)
+        _require(self.rollout.batch_size % dp == 0,
+                 f"rollout.batch_size={self.rollout.batch_size} must be divisible by data-parallel size {dp}")
+        per_rank = self.ppo.mini_batch_size // dp
+        _require(self.ppo.mini_batch_size % dp == 0 and per_rank % self.ppo.micro_batch_size == 0,
+                 f"ppo.micro_batch_size={self.ppo.micro_batch_size} must divide the per-rank mini-batch "
+                 f"ppo.mini_batch_size/dp = {self.ppo.mini_batch_size}/{dp}")
+        return dp
+
+    @property
+    def uses_group_head(self) -> bool:
+        return self.algo in ("gil", "gil_no_adaptive_kl", "gil_no_invariance")
+
+
+def load_config(schema: Type[T], yaml_path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
+    """Structured schema <- YAML <- dotted overrides; returns the validated dataclass instance."""
+    try:
+        base = OmegaConf.structured(schema)
+        if yaml_path is not None:
+            base = OmegaConf.merge(base, OmegaConf.load(_existing(yaml_path)))
+        for o in overrides:
+            _require("=" in o, f"override {o!r} must look like key.path=value (e.g. ppo.kl_coef=0.05)")
+        if overrides:
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        for key in sorted(OmegaConf.missing_keys(base)):
+            raise ConfigError(f"config key {key} has no value; set it in the YAML or as {key}=...")
+        cfg = OmegaConf.to_object(base)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    validate_tree(cfg)
+    return cfg
+
+
+def validate_tree(cfg, path: str = "") -> None:
+    """Run every ``validate()`` in the tree, innermost first (dataclass defaults are not checked
+    at construction, so an incomplete default can be filled from YAML before it is judged).
+    Sections used under several names (optimizer settings) get their real path in the message."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_tree(value, f.name)
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            section = getattr(cfg, "SECTION", None)
+            msg = str(exc)
+            if section and path and msg.startswith(section + "."):
+                msg = path + msg[len(section):]
+            raise ConfigError(msg) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _existing(path: str) -> str:
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    return path
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).split("\n")[0].strip()
+    if type(exc).__name__ == "ConfigKeyError" and key:
+        return f"unknown config key {key!r}; check the spelling against gil_megatron/config.py"
+    if key:
+        return f"config key {key}: {msg}"
+    return msg
+
+
+def overrides_from_argv(argv: List[str]):
+    """``[CONFIG.yaml] [key=value ...]`` -> (yaml_path or None, overrides)."""
+    yaml_path = argv[0] if argv and "=" not in argv[0] else None
+    return yaml_path, [a for a in argv[(1 if yaml_path else 0):]]
+
+
+# ---- the stages before and beside PPO (tools/train_sft.py, train_reward_model.py, train_dpo.py) ----
+@dataclass
+class StageDataConfig:
+    train: str = "???"
+    """jsonl or saved HF dataset (formats: see gil_megatron/data.py)."""
+    eval: Optional[str] = None
+    """Held-out split evaluated every train.eval_every steps and at the end."""
+    max_length: int = 64
+    """Tokens of prompt + response (the longer response for preference pairs)."""
+    max_prompt_length: Optional[int] = None
+    too_long: str = "error"
+    """error | drop"""
+
+    def validate(self):
+        _require(self.max_length > 0, f"data.max_length={self.max_length} must be > 0")
+        _require(self.too_long in ("error", "drop"), f"data.too_long={self.too_long!r}; valid: error, drop")
+
+
+@dataclass
+class StageTrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 32
+    """Examples (or pairs) per optimizer step across data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward per data-parallel rank (gradient accumulation fills the rest)."""
+    eval_every: int = 0
+    save_every: int = 0
+    eval_batch_size: int = 64
+
+    def validate(self):
+        _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        _require(self.global_batch_size > 0 and self.micro_batch_size > 0,
+                 "train.global_batch_size and train.micro_batch_size must be > 0")
+
+    def check_world(self, dp: int) -> None:
+        _require(self.global_batch_size % dp == 0 and (self.global_batch_size // dp) % self.micro_batch_size == 0,
+                 f"train.micro_batch_size={self.micro_batch_size} must divide the per-rank batch "
+                 f"train.global_batch_size/dp = {self.global_batch_size}/{dp}")
+
+
+@dataclass
+class StageConfig:
+    """Shared by SFT, reward-model and DPO training."""
+
+    run_dir: str = "runs/stage"
+    seed: int = 1234
+    init: str = "???"
+    """Checkpoint (our sharded format) to start from."""
+    tokenizer: Optional[str] = None
+    """Directory with tokenizer.json; defaults to ``init``."""
+    output: Optional[str] = None
+    """Where the final model is written (our format); defaults to run_dir/model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: StageDataConfig = field(default_factory=StageDataConfig)
+    train: StageTrainConfig = field(default_factory=StageTrainConfig)
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    run_dir: str = "runs/sft"
+
+
+@dataclass
+class RewardModelConfig(StageConfig):
+    run_dir: str = "runs/reward_model"
+    margin: float = 0.0
+    """Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)."""
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    run_dir: str = "runs/dpo"
+    beta: float = 0.1
+    """DPO temperature on the log-ratio difference."""
+    reference: Optional[str] = None
+    """Frozen reference policy; defaults to ``init`` (the SFT model)."""
+
+    def validate(self):
+        _require(self.beta > 0, f"beta={self.beta} must be > 0")

@@ -1,0 +1,134 @@
+"""No-grad scoring of rollout sequences on every layout: log-probs, critic outputs, rewards.
+
+Everything runs through the pipeline schedule in micro-batches; per-token results are computed on
+the last stage (log-probs straight from vocab-parallel logits through the fused kernel, so full
+logits never exist) and then given to every stage. Shapes use the action axis: sequences [b, s]
+give per-action tensors [b, s-1], action t being token t+1 predicted at position t.
+"""
+
+import importlib
+import math
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from gil_megatron.models.llama import score_at_last, split_critic_output
+from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
+from gil_megatron.ops.logprob import vocab_parallel_logprobs
+
+
+def microbatches_of(sequences: torch.Tensor, size: int, **per_row: torch.Tensor) -> List[dict]:
+    out = []
+    for start in range(0, sequences.shape[0], size):
+        mb = {"input_ids": sequences[start:start + size]}
+        mb.update({k: v[start:start + size] for k, v in per_row.items()})
+        out.append(mb)
+    return out
+
+
+def action_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, with_entropy: bool = False):
+    """Vocab-parallel logits [b, s, V/tp] -> log-probs (and entropy) of tokens 1..s-1: [b, s-1]."""
+    return vocab_parallel_logprobs(
+        logits[:, :-1], input_ids[:, 1:], tp_group=parallel_state.get_tensor_model_parallel_group(),
+        compute_entropy=with_entropy,
+    )
+
+
+def _forward_collect(model, microbatches: List[dict], fn: Callable[[dict, torch.Tensor], List[torch.Tensor]]):
+    """Run forward-only, apply ``fn`` to each micro-batch's last-stage output, concatenate along
+    the batch and give the results to every pipeline stage."""
+    def loss_fn(batch, output):
+        return torch.zeros(()), {f"out{i}": t.detach() for i, t in enumerate(fn(batch, output))}
+
+    with torch.no_grad():
+        outs = run_microbatches(model, microbatches, loss_fn, forward_only=True)
+    if outs:
+        n = len(outs[0])
+        tensors = [torch.cat([o[f"out{i}"] for o in outs]) for i in range(n)]
+    else:
+        tensors = None
+    return broadcast_from_last_stage(tensors)
+
+
+def score_logprobs(model, sequences: torch.Tensor, micro_batch_size: int, with_entropy: bool = False):
+    """Per-action log-probs [b, s-1] (and entropy) under ``model`` (actor or reference)."""
+    def fn(batch, logits):
+        logprobs, entropy = action_logprobs(logits, batch["input_ids"], with_entropy)
+        return [logprobs] + ([entropy] if with_entropy else [])
+
+    out = _forward_collect(model, microbatches_of(sequences, micro_batch_size), fn)
+    return (out[0], out[1]) if with_entropy else (out[0], None)
+
+
+def score_critic(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int):
+    """Critic values per action position [b, s-1] and group logits at the last real token [b, M]."""
+    def fn(batch, out):
+        values, group_logits = split_critic_output(out.float())
+        return [values[:, :-1], score_at_last(group_logits, batch["lengths"])]
+
+    values, group_logits = _forward_collect(model, microbatches_of(sequences, micro_batch_size, lengths=lengths), fn)
+    return values, group_logits
+
+
+def score_reward_model(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """Reward-model score at the last real token of each sequence: [b]."""
+    def fn(batch, out):
+        return [score_at_last(out.float(), batch["lengths"])]
+
+    (scores,) = _forward_collect(model, microbatches_of(sequences, micro_batch_size, lengths=lengths), fn)
+    return scores
+
+
+class RewardFunction:
+    """A Python reward ``module:function(prompts: list[str], responses: list[str]) -> list[float]``.
+
+    Rank 0 of each tensor/pipeline group calls it; the scores are broadcast to the group, so a
+    stateful or slow function runs once per data-parallel replica."""
+
+    def __init__(self, spec: str):
+        module_name, _, func_name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ImportError(f"models.reward_fn={spec!r}: cannot import module {module_name!r} ({exc})") from None
+        if not hasattr(module, func_name):
+            raise ImportError(f"models.reward_fn={spec!r}: module {module_name!r} has no function {func_name!r}")
+        self.spec = spec
+        self.fn = getattr(module, func_name)
+
+    def __call__(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        scores = self.fn(prompts, responses)
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"models.reward_fn={self.spec!r} must return a list of floats ({exc})") from None
+        if scores.numel() != len(prompts):
+            raise ValueError(f"models.reward_fn={self.spec!r} returned {scores.numel()} scores for "
+                             f"{len(prompts)} responses; it must return one float per response")
+        if not torch.isfinite(scores).all():
+            bad = int((~torch.isfinite(scores)).nonzero()[0])
+            raise FloatingPointError(f"models.reward_fn={self.spec!r} returned a non-finite score "
+                                     f"({scores[bad].item()}) for response {bad}")
+        return scores
+
+
+def broadcast_in_model_parallel_group(tensor: Optional[torch.Tensor], shape, dtype=torch.float32) -> torch.Tensor:
+    """Give every rank of this model replica (its TP x PP ranks) the tensor of its first rank."""
+    group = parallel_state.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return tensor
+    src = dist.get_global_rank(group, 0)
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype)
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def is_model_parallel_src() -> bool:
+    return dist.get_rank(parallel_state.get_model_parallel_group()) == 0
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,493 @@
+"""The rollout-then-train loop (DESIGN.md section 3), one method per step of an iteration.
+
+    rollout()     prompts -> actor generates (KV cache, TP/PP)
+    score()       no-grad: reward, old / reference log-probs, critic values and group logits
+    experience()  GIL bookkeeping, adaptive-KL rewards, GAE (experience.make_experience)
+    update()      K epochs x mini-batches: critic step (value loss + group objective), policy step
+    metrics, evaluation and checkpoints around them.
+
+The algorithm lives in gil_megatron/algo and experience.py; this file moves tensors between ranks
+and calls it. Data parallelism: each DP rank generates and trains on its own slice of the rollout
+batch; the per-sample tensors are all-gathered for the batch statistics, so every algorithmic
+quantity equals the single-rank one.
+"""
+
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from gil_megatron import checkpoint as ckpt
+from gil_megatron import distributed
+from gil_megatron.algo import gil, ppo
+from gil_megatron.config import PPOConfig, to_dict
+from gil_megatron.data import DataLoader, eval_batches, load_prompts, pad_token_id
+from gil_megatron.experience import AlgoSwitches, make_experience
+from gil_megatron.logging import MetricsLogger
+from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
+from gil_megatron.models.llama import score_at_last, split_critic_output
+from gil_megatron.optim import Trainable
+from gil_megatron.rollout import SamplingSettings, generate
+from gil_megatron.scoring import (
+    RewardFunction, action_logprobs, broadcast_in_model_parallel_group, is_model_parallel_src, microbatches_of,
+    score_critic, score_logprobs, score_reward_model,
+)
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig):
+        self.cfg = cfg
+        self.layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+        self.dp = cfg.check_world(dist.get_world_size())
+        self.switches = AlgoSwitches.of(cfg.algo)
+        m = cfg.models
+        dtype = resolve_dtype(m.dtype)
+        self.tokenizer = load_tokenizer(m.tokenizer or m.actor)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.actor = model_from_checkpoint(m.actor, "actor", self.layout, dtype)
+        self.reference = model_from_checkpoint(m.reference or m.actor, "actor", self.layout, dtype, trainable=False)
+        self.critic = model_from_checkpoint(m.critic or m.reward_model or m.actor, "critic", self.layout, dtype,
+                                            num_groups=cfg.gil.num_groups)
+        self.critic.detach_group_trunk = cfg.gil.detach_trunk
+        if m.reward_model:
+            self.reward_model = model_from_checkpoint(m.reward_model, "reward", self.layout, dtype, trainable=False)
+            self.reward_fn = None
+        else:
+            self.reward_model, self.reward_fn = None, RewardFunction(m.reward_fn)
+        self.gold_fn = RewardFunction(m.gold_reward_fn) if m.gold_reward_fn else None
+        self.actor_train = Trainable(self.actor, cfg.actor_optim)
+        self.critic_train = Trainable(self.critic, cfg.critic_optim)
+
+        prompts = load_prompts(cfg.data.train_prompts, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                               too_long=cfg.data.too_long)
+        self.loader = DataLoader(prompts, cfg.rollout.batch_size, seed=cfg.seed, pad_token_id=self.pad_id,
+                                 dp_rank=self.layout.dp_rank, dp_size=self.dp)
+        self.eval_sets = {name: load_prompts(path, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                             too_long=cfg.data.too_long)
+                          for name, path in cfg.data.eval_prompts.items()}
+        if cfg.ppo.target_kl is not None:
+            self.kl_ctl = ppo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
+        else:
+            self.kl_ctl = ppo.FixedKLController(cfg.ppo.kl_coef)
+        self.reward_moments = ppo.RunningMoments()
+        self.sampling = SamplingSettings(
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k, greedy=cfg.rollout.greedy, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.pad_id)
+        # identical on every TP/PP rank of a replica (sampling must agree), different across DP
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.layout.dp_rank)
+        self.iteration = 0
+        self.bad_steps = 0
+        self.prev_high_group: Optional[int] = None
+        self.high_group_flips = 0
+        self._resume()
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def rollout(self):
+        batch = self.loader.next_batch()
+        rollout = generate(self.actor, batch.input_ids, batch.lengths, self.sampling, self.generator)
+        return batch, rollout
+
+    def score(self, batch, rollout) -> Dict[str, torch.Tensor]:
+        mbs = self.cfg.rollout.micro_batch_size
+        seqs, lengths = rollout.sequences, rollout.lengths
+        old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
+        ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
+        values, group_logits = score_critic(self.critic, seqs, lengths, mbs)
+        prompts, responses = self._decode(rollout)
+        if self.reward_model is not None:
+            scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
+        else:
+            scores = self.reward_fn(prompts, responses) if is_model_parallel_src() else None
+            scores = broadcast_in_model_parallel_group(scores, (seqs.shape[0],))
+        out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
+               "group_logits": group_logits, "action_mask": rollout.response_mask[:, 1:].float(),
+               "sequences": seqs, "lengths": lengths}
+        if self.gold_fn is not None:
+            gold = self.gold_fn(prompts, responses) if is_model_parallel_src() else None
+            out["gold"] = broadcast_in_model_parallel_group(gold, (seqs.shape[0],))
+        return out
+
+    def experience(self, local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        full = gather_across_dp(local, self.pad_id)
+        raw = full["scores"]
+        for name in ("scores", "old_logprobs", "ref_logprobs", "values"):
+            if not torch.isfinite(full[name]).all():
+                raise NonFiniteError(f"non-finite {name} in the rollout batch")
+        scores = raw
+        if self.cfg.ppo.normalize_reward:
+            self.reward_moments.update_from_batch(raw)
+            scores = ppo.normalize_and_clip_rewards(raw, self.reward_moments, self.cfg.ppo.reward_clip)
+        elif self.cfg.ppo.reward_clip is not None:
+            scores = raw.clamp(-self.cfg.ppo.reward_clip, self.cfg.ppo.reward_clip)
+        exp = make_experience(
+            scores=scores, raw_scores=raw, old_logprobs=full["old_logprobs"], ref_logprobs=full["ref_logprobs"],
+            values=full["values"], action_mask=full["action_mask"], group_logits=full["group_logits"],
+            switches=self.switches, ppo_cfg=self.cfg.ppo, gil_cfg=self.cfg.gil, kl_coef=self.kl_ctl.value)
+        full.update(exp)
+        return full
+
+    def update(self, full: Dict[str, torch.Tensor]) -> List[Dict[str, float]]:
+        """K epochs x mini-batches over this DP rank's rows of the rollout batch."""
+        cfg = self.cfg
+        n_global = full["sequences"].shape[0]
+        rows = torch.arange(self.layout.dp_rank, n_global, self.dp)  # this rank's share
+        local_mini = cfg.ppo.mini_batch_size // self.dp
+        n_minibatches = cfg.rollout.batch_size // cfg.ppo.mini_batch_size
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.iteration)
+        step_metrics = []
+        for _ in range(cfg.ppo.epochs):
+            order = rows[torch.randperm(len(rows), generator=gen)]
+            for k in range(n_minibatches):
+                idx = order[k * local_mini:(k + 1) * local_mini]
+                mini = {name: t[idx] for name, t in full.items() if torch.is_tensor(t) and t.dim() > 0
+                        and t.shape[0] == n_global}
+                step_metrics.append(self._train_minibatch(mini, group_scale=n_minibatches))
+        return step_metrics
+
+    def _train_minibatch(self, mini: Dict[str, torch.Tensor], group_scale: float) -> Dict[str, float]:
+        cfg = self.cfg
+        mask = mini["action_mask"]
+        mbs = cfg.ppo.micro_batch_size
+        microbatches = microbatches_of(mini["sequences"], mbs, **{k: v for k, v in mini.items() if k != "sequences"})
+        normalizer = _loss_normalizer(mask, cfg.ppo.loss_agg_mode)
+        value_normalizer = _loss_normalizer(mask, "token_mean")
+        dp = self.dp
+
+        def critic_loss(mb, out):
+            values, group_logits = split_critic_output(out.float())
+            v_loss, metrics = ppo.value_loss(values[:, :-1], mb["values"], mb["returns"], mb["action_mask"],
+                                             cfg.ppo.value_clip, mode="token_mean", normalizer=value_normalizer)
+            loss = cfg.ppo.vf_coef * v_loss
+            metrics["value/loss"] = v_loss.detach()
+            if "group_coeffs" in mb:
+                q = torch.softmax(score_at_last(group_logits, mb["lengths"]), dim=-1)
+                # DDP averages gradients over DP ranks, and each step sees 1/group_scale of the batch
+                loss = loss + (mb["group_coeffs"] * q).sum() * dp * group_scale
+            return loss, metrics
+
+        def actor_loss(mb, logits):
+            logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
+            weights = mb["sample_weights"] if self.switches.invariance else None
+            loss, metrics = gil.gil_policy_loss(
+                logprobs, mb["old_logprobs"], mb["advantages"], mb["action_mask"], weights,
+                clip_eps=cfg.ppo.clip_eps, clip_ratio_c=cfg.ppo.clip_ratio_c, loss_agg_mode=cfg.ppo.loss_agg_mode,
+                normalizer=normalizer)
+            ent = ppo.aggregate_loss(entropy, mb["action_mask"], cfg.ppo.loss_agg_mode, normalizer)
+            if cfg.ppo.entropy_coef:
+                loss = loss - cfg.ppo.entropy_coef * ent
+            if cfg.ppo.kl_in == "loss" and self.switches.kl_penalty:
+                kl_term = ppo.kl_loss(logprobs, mb["ref_logprobs"], mb["action_mask"], cfg.ppo.kl_estimator,
+                                      cfg.ppo.loss_agg_mode, normalizer)
+                loss = loss + self.kl_ctl.value * kl_term
+            metrics = {k: v.detach() for k, v in metrics.items()}
+            metrics["policy/loss"] = loss.detach()
+            metrics["policy/entropy"] = ent.detach()
+            return loss, metrics
+
+        c_metrics = self.critic_train.forward_backward(microbatches, critic_loss)
+        c_ok, c_norm = self.critic_train.step()
+        a_metrics = self.actor_train.forward_backward(microbatches, actor_loss)
+        a_ok, a_norm = self.actor_train.step()
+        metrics = reduce_microbatch_metrics(c_metrics + a_metrics, sum_keys=("value/loss", "policy/loss"))
+        metrics.update({"value/grad_norm": c_norm, "policy/grad_norm": a_norm, "policy/lr": self.actor_train.lr(),
+                        "skipped_updates": float((not c_ok) + (not a_ok))})
+        return metrics
+
+    def iterate(self) -> Dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch, rollout = self.rollout()
+        t_gen = time.perf_counter()
+        local = self.score(batch, rollout)
+        local["known_group"] = torch.tensor([self._known_group_id(g) for g in batch.groups])
+        t_score = time.perf_counter()
+        full = self.experience(local)
+        steps = self.update(full)
+        t_train = time.perf_counter()
+        metrics = self._iteration_metrics(full, steps)
+        n_tokens = float(full["action_mask"].sum())
+        metrics.update({
+            "rollout/tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
+            "rollout/response_length": n_tokens / full["action_mask"].shape[0],
+            "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/train_s": t_train - t_score,
+            "time/step_s": t_train - t0,
+        })
+        if self.switches.kl_penalty:
+            self.kl_ctl.update(metrics["kl/mean"], cfg.rollout.batch_size)
+        return metrics
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def _iteration_metrics(self, full, steps) -> Dict[str, float]:
+        mask = full["action_mask"]
+        kl_seq = (full["kl"] * mask).sum(-1)
+        m = {
+            "reward/mean": full["scores"].mean(), "reward/std": full["scores"].std(),
+            "kl/mean": kl_seq.mean(), "kl/coef": torch.tensor(self.kl_ctl.value),
+            "kl/coef_effective_mean": full["kl_coef"].mean(),
+            "value/explained_var": ppo.explained_variance(full["values"], full["returns"], mask),
+            "advantages/mean": ppo.masked_mean(full["advantages"], mask),
+        }
+        if "gold" in full:
+            m["reward/gold_mean"] = full["gold"].mean()
+            m["reward/proxy_minus_gold"] = (full["scores"] - full["gold"]).mean()
+        per_sample = {"reward": full["scores"], "kl": kl_seq,
+                      "advantage": ppo.masked_mean(full["advantages"], mask, dim=-1),
+                      "value_error": ppo.masked_mean((full["values"] - full["returns"]).square(), mask, dim=-1)}
+        if "gold" in full:
+            per_sample["gold"] = full["gold"]
+        if "group_probs" in full:
+            q = full["group_probs"]
+            m.update(gil.group_metrics(q, per_sample, perf=full["perf"]))
+            m["reward/worst_group"] = min(m[f"group/{g}/reward"] for g in range(q.shape[1]))
+            m["gil/weight_min"] = full["sample_weights"].min()
+            m["gil/weight_zero_frac"] = (full["sample_weights"] <= 0).float().mean()
+            high = int(m["gil/high_group"])
+            if self.prev_high_group is not None and high != self.prev_high_group:
+                self.high_group_flips += 1
+            self.prev_high_group = high
+            m["gil/high_group_flips"] = float(self.high_group_flips)
+        known = full["known_group"]
+        if (known >= 0).any():
+            names = self.known_group_names
+            for gid, name in enumerate(names):
+                sel = known == gid
+                if sel.any():
+                    for key, x in per_sample.items():
+                        m[f"known/{name}/{key}"] = x[sel].mean()
+            if "group_probs" in full and (known >= 0).all():
+                m["gil/known_agreement"] = gil.assignment_agreement(full["group_probs"], known, len(names))
+            worst_key = "gold" if "gold" in per_sample else "reward"
+            m[f"known/worst_{worst_key}"] = min(m[f"known/{n}/{worst_key}"] for n in names
+                                                if f"known/{n}/{worst_key}" in m)
+        out = {k: float(v) for k, v in m.items()}
+        for key in steps[0] if steps else ():
+            out[key] = sum(s[key] for s in steps) / len(steps)
+        return out
+
+    @property
+    def known_group_names(self) -> List[str]:
+        if not hasattr(self, "_known_names"):
+            self._known_names = self.loader.dataset.group_names()
+        return self._known_names
+
+    def _known_group_id(self, group: Optional[str]) -> int:
+        names = self.known_group_names
+        return names.index(group) if group in names else -1
+
+    def _decode(self, rollout):
+        prompts, responses = [], []
+        for row in range(rollout.sequences.shape[0]):
+            p_len, length = int(rollout.prompt_lengths[row]), int(rollout.lengths[row])
+            ids = rollout.sequences[row].tolist()
+            prompts.append(self.tokenizer.decode(ids[:p_len], skip_special_tokens=True))
+            responses.append(self.tokenizer.decode(ids[p_len:length], skip_special_tokens=True))
+        return prompts, responses
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        """Greedy responses on each held-out set: reward (and gold), per known group and worst group."""
+        greedy = SamplingSettings(**{**self.sampling.__dict__, "greedy": True})
+        out = {}
+        for name, dataset in self.eval_sets.items():
+            scores, golds, groups = [], [], []
+            for batch in eval_batches(dataset, self.cfg.rollout.batch_size, pad_token_id=self.pad_id,
+                                      dp_rank=self.layout.dp_rank, dp_size=self.dp):
+                rollout = generate(self.actor, batch.input_ids, batch.lengths, greedy, torch.Generator().manual_seed(0))
+                prompts, responses = self._decode(rollout)
+                if self.reward_model is not None:
+                    s = score_reward_model(self.reward_model, rollout.sequences, rollout.lengths,
+                                           self.cfg.rollout.micro_batch_size)
+                else:
+                    s = torch.as_tensor(self.reward_fn(prompts, responses))
+                valid = batch.valid
+                scores.append(s[valid])
+                if self.gold_fn is not None:
+                    golds.append(self.gold_fn(prompts, responses)[valid])
+                groups += [g for g, v in zip(batch.groups, valid.tolist()) if v]
+            score = _gather_dp_cat(torch.cat(scores))
+            gold = _gather_dp_cat(torch.cat(golds)) if golds else None
+            groups = _gather_dp_objects(groups)
+            out[f"eval/{name}/reward"] = float(score.mean())
+            target = gold if gold is not None else score
+            if gold is not None:
+                out[f"eval/{name}/gold"] = float(gold.mean())
+            per_group = {}
+            for g in sorted({g for g in groups if g is not None}):
+                sel = torch.tensor([x == g for x in groups])
+                per_group[g] = float(target[sel].mean())
+                out[f"eval/{name}/group/{g}"] = per_group[g]
+            if per_group:
+                out[f"eval/{name}/worst_group"] = min(per_group.values())
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"data": self.loader.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                "reward_moments": {k: v.tolist() for k, v in self.reward_moments.state_dict().items()},
+                "generator": self.generator.get_state().tolist(), "prev_high_group": self.prev_high_group,
+                "high_group_flips": self.high_group_flips, "bad_steps": self.bad_steps}
+
+    def save(self) -> str:
+        return ckpt.save_checkpoint(self.cfg.run_dir, self.iteration, self.layout,
+                                    {"actor": self.actor, "critic": self.critic},
+                                    {"actor": self.actor_train, "critic": self.critic_train},
+                                    self._trainer_state(), self.cfg.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, self.layout, {"actor": self.actor, "critic": self.critic},
+                                     {"actor": self.actor_train, "critic": self.critic_train})
+        self.iteration = state["iteration"]
+        self.loader.load_state_dict(state["data"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_moments.load_state_dict({k: torch.tensor(v) for k, v in state["reward_moments"].items()})
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.prev_high_group = state["prev_high_group"]
+        self.high_group_flips = state["high_group_flips"]
+        self.bad_steps = state["bad_steps"]
+        self.resumed_from = path
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def train(self) -> Dict[str, float]:
+        cfg = self.cfg
+        log = MetricsLogger(cfg.run_dir, cfg.train.iterations, to_dict(cfg), progress=cfg.logging.progress,
+                            use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                            initial_step=self.iteration, desc=f"{cfg.algo}")
+        if getattr(self, "resumed_from", None):
+            log.print(f"resumed from {self.resumed_from} at iteration {self.iteration}")
+        last = {}
+        while self.iteration < cfg.train.iterations:
+            try:
+                metrics = self.iterate()
+                self.bad_steps = 0 if metrics.get("skipped_updates", 0) == 0 else self.bad_steps + 1
+            except NonFiniteError as exc:
+                self.bad_steps += 1
+                metrics = {"skipped_updates": 2.0, "bad_value": str(exc)}
+                log.print(f"iteration {self.iteration + 1}: {exc}; update skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= cfg.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_steps} consecutive iterations with non-finite values (last: "
+                    f"{metrics.get('bad_value', 'gradients')}); stopping. Lower the learning rates or check the reward")
+            self.iteration += 1
+            final = self.iteration == cfg.train.iterations
+            if self.eval_sets and (final or (cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0)):
+                metrics.update(self.evaluate())
+            metrics = sync_metrics_to_rank0(metrics)
+            log.log(self.iteration, metrics)
+            last = metrics
+            if final or (cfg.train.save_every and self.iteration % cfg.train.save_every == 0):
+                self.save()
+        log.close()
+        return last
+
+
+# ---- helpers: collectives kept out of the loop above --------------------------------------------
+def _loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The local mini-batch's count that turns micro-batch sums into the mini-batch mean."""
+    if mode == "token_mean":
+        return mask.sum().clamp(min=1)
+    return (mask.sum(-1) > 0).sum().clamp(min=1).float()
+
+
+def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, torch.Tensor]:
+    """All-gather per-sample tensors over data-parallel ranks, interleaving rows so that global row
+    r lives on DP rank r % dp (update() slices the same way). Sequence dims are padded to the
+    longest rank first."""
+    group = parallel_state.get_data_parallel_group()
+    dp = dist.get_world_size(group)
+    if dp == 1:
+        return dict(local)
+    seq_len = torch.tensor([local["sequences"].shape[1]])
+    dist.all_reduce(seq_len, op=dist.ReduceOp.MAX, group=group)
+    s = int(seq_len)
+    out = {}
+    for name, t in local.items():
+        if t.dim() >= 2 and name != "group_logits":
+            width = s if name == "sequences" else s - 1
+            fill = pad_id if name == "sequences" else 0
+            t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+        parts = [torch.empty_like(t) for _ in range(dp)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        out[name] = torch.stack(parts, dim=1).reshape(-1, *t.shape[1:])  # interleave rows
+    return out
+
+
+def reduce_microbatch_metrics(metrics: List[Dict[str, torch.Tensor]], sum_keys=()) -> Dict[str, float]:
+    """Average micro-batch metrics (sum for losses already normalised to the mini-batch) on the
+    last stage, average over DP, and return plain floats (one host sync per step)."""
+    if not metrics:
+        return {}
+    keys = sorted({k for m in metrics for k in m})
+    values = torch.stack([
+        torch.stack([m[k].float() for m in metrics if k in m]).sum() if k in sum_keys
+        else torch.stack([m[k].float() for m in metrics if k in m]).mean() for k in keys])
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(values, group=group)
+        values /= dist.get_world_size(group)
+    return dict(zip(keys, values.tolist()))
+
+
+def sync_metrics_to_rank0(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Training-step metrics exist on the last pipeline stage; rank 0 (first stage) logs them."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    obj = [metrics]
+    dist.broadcast_object_list(obj, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    merged = dict(obj[0])
+    merged.update({k: v for k, v in metrics.items() if k not in merged})
+    return merged
+
+
+def _gather_dp_cat(t: torch.Tensor) -> torch.Tensor:
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return t
+    parts = _gather_dp_objects(t)
+    return torch.cat(parts)
+
+
+def _gather_dp_objects(obj):
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return obj
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    if isinstance(obj, list):
+        return [x for part in out for x in part]
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    import sys
+
+    from gil_megatron.config import load_config, overrides_from_argv
+
+    yaml_path, overrides = overrides_from_argv(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(PPOConfig, yaml_path, overrides)
+    trainer = PPOTrainer(cfg)
+    metrics = trainer.train()
+    if distributed.is_rank0():
+        keys = [k for k in ("reward/mean", "reward/gold_mean", "kl/mean", "reward/worst_group") if k in metrics]
+        summary = " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+        print(f"{cfg.algo}: iteration {trainer.iteration} {summary}", flush=True)
+    distributed.destroy()
+    return metrics
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import run_cli
+
+    run_cli(main)
