@@ -1,0 +1,131 @@
+"""HF <-> sharded conversion: round trip bit-identical, heads, verify tool, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from dist_utils import spawn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import convert_hf_checkpoint  # noqa: E402
+import verify_checkpoint  # noqa: E402
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, pad_token_id=0)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def save(model, path, dtype=torch.float32):
+    model.to(dtype).save_pretrained(path)
+    return str(path)
+
+
+def read_all(hf_dir):
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(hf_dir, name), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def convert(*argv):
+    convert_hf_checkpoint.main(list(argv))
+
+
+@pytest.mark.parametrize("tied,dtype,tp,pp", [(False, torch.float32, 2, 2), (True, torch.bfloat16, 2, 1),
+                                              (False, torch.bfloat16, 1, 2)])
+def test_round_trip_is_bit_identical(tmp_path, tied, dtype, tp, pp):
+    torch.manual_seed(0)
+    hf_dir = save(LlamaForCausalLM(tiny_config(tie_word_embeddings=tied)), tmp_path / "hf", dtype)
+    convert("--load-dir", hf_dir, "--save-dir", str(tmp_path / "mg"), "--target-tensor-parallel-size", str(tp),
+            "--target-pipeline-parallel-size", str(pp))
+    convert("--to-hf", "--load-dir", str(tmp_path / "mg"), "--save-dir", str(tmp_path / "back"))
+    original, back = read_all(hf_dir), read_all(str(tmp_path / "back"))
+    assert original.keys() == back.keys()
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "back"))  # transformers accepts it
+    assert reloaded.config.num_key_value_heads == 2
+
+
+def _verify(argv):
+    verify_checkpoint.main(argv)
+
+
+def test_reward_and_critic_heads_match_transformers(tmp_path, capsys):
+    torch.manual_seed(1)
+    hf_rm = save(LlamaForSequenceClassification(tiny_config(num_labels=1)), tmp_path / "rm")
+    convert("--load-dir", hf_rm, "--save-dir", str(tmp_path / "rm_tp2"), "--target-tensor-parallel-size", "2",
+            "--model-type", "reward")
+    assert "trunk and score head loaded" in capsys.readouterr().out
+    convert("--load-dir", hf_rm, "--save-dir", str(tmp_path / "critic"), "--target-pipeline-parallel-size", "2",
+            "--model-type", "critic")
+    assert "value head loaded from a reward model; the group head is freshly initialised" in capsys.readouterr().out
+    # reward model at TP2 and the critic (value row = RM score) at PP2 against transformers
+    spawn(_verify, 2, ["--load-dir", str(tmp_path / "rm_tp2"), "--hf-dir", hf_rm])
+    convert("--to-hf", "--load-dir", str(tmp_path / "critic"), "--save-dir", str(tmp_path / "critic_hf"))
+    spawn(_verify, 2, ["--load-dir", str(tmp_path / "critic"), "--hf-dir", str(tmp_path / "critic_hf")])
+    critic_score = read_all(str(tmp_path / "critic_hf"))["score.weight"]
+    assert critic_score.shape == (3, 64)
+    assert torch.equal(critic_score[0], read_all(hf_rm)["score.weight"][0])
+    assert critic_score[1:].abs().sum() > 0  # group rows not all equal -> assignments not uniform
+
+
+def test_verify_tool_under_torchrun(tmp_path):
+    """The user's command: convert at TP2, verify with torchrun; last line is the max difference."""
+    torch.manual_seed(2)
+    hf_dir = save(LlamaForCausalLM(tiny_config(vocab_size=101)), tmp_path / "hf")
+    convert("--load-dir", hf_dir, "--save-dir", str(tmp_path / "mg"), "--target-tensor-parallel-size", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(ROOT, "tools", "verify_checkpoint.py"), "--load-dir", str(tmp_path / "mg"),
+                           "--hf-dir", hf_dir], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("max_abs_diff") and float(last.split()[1]) < 1e-4
+
+
+def run_cli(argv):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_hf_checkpoint.py"), *argv],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stderr
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    torch.manual_seed(3)
+    hf_dir = save(LlamaForCausalLM(tiny_config(num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
+                                               num_hidden_layers=3)), tmp_path / "hf")
+    cases = {
+        "missing dir": (["--load-dir", str(tmp_path / "nope"), "--save-dir", str(tmp_path / "o")], "config.json"),
+        "tp vs heads": (["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o"), "--target-tensor-parallel-size", "4"],
+                        "num_attention_heads=6"),
+        "tp vs kv heads": (["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o"), "--target-tensor-parallel-size", "2"],
+                           "num_kv_heads=3"),
+        "pp vs layers": (["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o"), "--target-pipeline-parallel-size", "2"],
+                         "num_layers=3"),
+        "model type": (["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o"), "--model-type", "policy"],
+                       "--model-type 'policy'"),
+    }
+    capsys.readouterr()  # drop save_pretrained's progress output
+    for name, (argv, expected) in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            convert_hf_checkpoint.run_cli(convert_hf_checkpoint.main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (name, err)
+        assert expected in err[0], (name, err[0])
+    assert not os.path.exists(tmp_path / "o")  # nothing half-written
+    code, stderr = run_cli(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "o"), "--target-tensor-parallel-size", "2"])
+    assert code == 2 and "Traceback" not in stderr and stderr.strip().startswith("error:")
