@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gil_megatron import faults
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.models.weights import CheckpointError, model_state_for_save, save_shard, write_meta
 
@@ -110,6 +111,7 @@ def save_checkpoint(run_dir: str, iteration: int, layout: ParallelLayout, models
             path = os.path.join(tmp, "optim", f"{name}_tp{layout.tp_rank:02d}_pp{layout.pp_rank:03d}_dp{layout.dp_rank:03d}.pt")
             torch.save(trainable.state_dict(), path)
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    faults.maybe_fail("during_save", iteration)
     _barrier()
     if _rank() == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:

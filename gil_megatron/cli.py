@@ -4,7 +4,9 @@ import os
 import sys
 
 # Errors the user can fix from the message alone; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, ImportError, PermissionError)
+# FloatingPointError: a run stopped by the non-finite guard (it names what went bad).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, ImportError, PermissionError,
+               FloatingPointError, MemoryError)
 
 
 def run_cli(main, *args, **kwargs) -> None:

@@ -12,7 +12,6 @@ batch; the per-sample tensors are all-gathered for the batch statistics, so ever
 quantity equals the single-rank one.
 """
 
-import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from gil_megatron import checkpoint as ckpt
-from gil_megatron import distributed
+from gil_megatron import distributed, faults, memory
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
 from gil_megatron.data import DataLoader, eval_batches, load_prompts, pad_token_id
@@ -30,6 +29,7 @@ from gil_megatron.experience import AlgoSwitches, make_experience
 from gil_megatron.logging import MetricsLogger
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.llama import score_at_last, split_critic_output
+from gil_megatron.models.weights import arch_of
 from gil_megatron.optim import Trainable
 from gil_megatron.rollout import SamplingSettings, generate
 from gil_megatron.scoring import (
@@ -50,6 +50,7 @@ class PPOTrainer:
         self.switches = AlgoSwitches.of(cfg.algo)
         m = cfg.models
         dtype = resolve_dtype(m.dtype)
+        self._check_memory(dtype)
         self.tokenizer = load_tokenizer(m.tokenizer or m.actor)
         self.pad_id = pad_token_id(self.tokenizer)
         self.actor = model_from_checkpoint(m.actor, "actor", self.layout, dtype)
@@ -89,6 +90,21 @@ class PPOTrainer:
         self.prev_high_group: Optional[int] = None
         self.high_group_flips = 0
         self._resume()
+
+    def _check_memory(self, dtype: torch.dtype) -> None:
+        m, cfg = self.cfg.models, self.cfg
+        paths = {"actor": m.actor, "reference": m.reference or m.actor, "critic": m.critic or m.reward_model or m.actor}
+        if m.reward_model:
+            paths["reward_model"] = m.reward_model
+        archs = {name: arch_of(path)[0] for name, path in paths.items()}
+        est = memory.estimate(archs, ("actor", "critic"), self.layout.tp, self.layout.pp,
+                              max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
+                              cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                              torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if distributed.is_rank0():
+            print(f"[gil_megatron] layout tp={self.layout.tp} pp={self.layout.pp} dp={self.layout.dp}; "
+                  f"{est.describe()}", flush=True)
+        memory.check_fits(est)
 
     # ---- one iteration ---------------------------------------------------------------------
     def rollout(self):
@@ -368,6 +384,7 @@ class PPOTrainer:
             log.print(f"resumed from {self.resumed_from} at iteration {self.iteration}")
         last = {}
         while self.iteration < cfg.train.iterations:
+            faults.maybe_fail("before_iteration", self.iteration + 1)
             try:
                 metrics = self.iterate()
                 self.bad_steps = 0 if metrics.get("skipped_updates", 0) == 0 else self.bad_steps + 1

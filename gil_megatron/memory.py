@@ -1,0 +1,79 @@
+"""Will the configured models and batch fit? An estimate printed with the layout, checked up front,
+instead of an out-of-memory error an hour into the run.
+
+Per rank: parameters of every model held (actor, reference, critic, reward model; each split
+tp * pp ways), gradients + Adam states for the two trained models, and activations of one
+micro-batch (a standard transformer estimate: ~34 * s * b * h bytes per layer in 16 bit,
+Korthikanti et al. 2022, scaled to the dtype; plus the vocab-parallel logits).
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from gil_megatron.models.config import LlamaArchConfig
+
+
+def param_count(arch: LlamaArchConfig, role: str) -> int:
+    h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    attn = h * d * (arch.num_attention_heads * 2 + arch.num_kv_heads * 2)
+    mlp = 3 * h * f
+    per_layer = attn + mlp + 2 * h
+    emb = arch.vocab_size * h
+    head = emb if role == "actor" and not arch.tie_word_embeddings else h * (1 + arch.num_groups)
+    return emb + arch.num_layers * per_layer + h + head
+
+
+@dataclass
+class MemoryEstimate:
+    per_rank_bytes: Dict[str, float]
+    available_bytes: float
+    device: str
+
+    @property
+    def total(self) -> float:
+        return sum(self.per_rank_bytes.values())
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.per_rank_bytes.items())
+        return (f"estimated {self.total / 2**30:.2f} GiB per rank ({parts} GiB) vs "
+                f"{self.available_bytes / 2**30:.2f} GiB available on {self.device}")
+
+
+def available_bytes(ranks_per_node: int) -> tuple:
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return float(free), "this GPU"
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"]) / max(ranks_per_node, 1), f"this node / {ranks_per_node} ranks"
+
+
+def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int, micro_batch: int,
+             seq_len: int, dtype_bytes: int, ranks_per_node: int) -> MemoryEstimate:
+    split = tp * pp
+    est = {"weights": 0.0, "grads+optimizer": 0.0, "activations": 0.0}
+    for name, arch in archs.items():
+        n = param_count(arch, "actor" if name in ("actor", "reference") else "critic") / split
+        est["weights"] += n * dtype_bytes
+        if name in trained:
+            # fp32 main grads + Adam m, v (+ fp32 master weights when training in 16 bit)
+            est["grads+optimizer"] += n * (4 + 8 + (4 if dtype_bytes < 4 else 0))
+    actor = archs["actor"]
+    layers = actor.num_layers / pp
+    est["activations"] = (34 * seq_len * micro_batch * actor.hidden_size * layers * dtype_bytes / 2 / tp
+                          + 2 * seq_len * micro_batch * actor.padded_vocab_size(tp) / tp * 4)
+    avail, device = available_bytes(ranks_per_node)
+    return MemoryEstimate(est, avail, device)
+
+
+def check_fits(estimate_: MemoryEstimate, headroom: float = 0.9) -> None:
+    if os.environ.get("GIL_MEGATRON_SKIP_MEMORY_CHECK") == "1":
+        return
+    if estimate_.total > headroom * estimate_.available_bytes:
+        raise MemoryError(
+            f"the configured models and batch do not fit: {estimate_.describe()}; use more tensor/pipeline "
+            f"parallelism (parallel.tp/pp), a smaller ppo.micro_batch_size, or more devices "
+            f"(GIL_MEGATRON_SKIP_MEMORY_CHECK=1 skips this check)")
