@@ -7,7 +7,7 @@ give per-action tensors [b, s-1], action t being token t+1 predicted at position
 """
 
 import importlib
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 import torch.distributed as dist
@@ -83,8 +83,9 @@ def score_reward_model(model, sequences: torch.Tensor, lengths: torch.Tensor, mi
 class RewardFunction:
     """A Python reward ``module:function(prompts: list[str], responses: list[str]) -> list[float]``.
 
-    Rank 0 of each tensor/pipeline group calls it; the scores are broadcast to the group, so a
-    stateful or slow function runs once per data-parallel replica."""
+    Call it through ``shared()``: the first rank of each tensor/pipeline replica runs it and the
+    scores (or its error) reach every rank of the replica, so a slow or stateful function runs once
+    per data-parallel replica and a bad return value stops all ranks with the same message."""
 
     def __init__(self, spec: str):
         module_name, _, func_name = spec.partition(":")
@@ -108,17 +109,19 @@ class RewardFunction:
                              f"{len(prompts)} responses; it must return one float per response")
         return scores  # non-finite scores are caught by the trainer's guard (skip + count)
 
-
-def broadcast_in_model_parallel_group(tensor: Optional[torch.Tensor], shape, dtype=torch.float32) -> torch.Tensor:
-    """Give every rank of this model replica (its TP x PP ranks) the tensor of its first rank."""
-    group = parallel_state.get_model_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return tensor
-    src = dist.get_global_rank(group, 0)
-    if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype)
-    dist.broadcast(tensor, src=src, group=group)
-    return tensor
+    def shared(self, prompts: List[str], responses: List[str]) -> torch.Tensor:
+        result = [None]
+        if is_model_parallel_src():
+            try:
+                result[0] = self(prompts, responses)
+            except Exception as exc:  # re-raised on every rank below
+                result[0] = exc
+        group = parallel_state.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            dist.broadcast_object_list(result, src=dist.get_global_rank(group, 0), group=group)
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
 
 
 def is_model_parallel_src() -> bool:

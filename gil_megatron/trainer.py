@@ -33,8 +33,7 @@ from gil_megatron.models.weights import arch_of
 from gil_megatron.optim import Trainable
 from gil_megatron.rollout import SamplingSettings, generate
 from gil_megatron.scoring import (
-    RewardFunction, action_logprobs, broadcast_in_model_parallel_group, is_model_parallel_src, microbatches_of,
-    score_critic, score_logprobs, score_reward_model,
+    RewardFunction, action_logprobs, microbatches_of, score_critic, score_logprobs, score_reward_model,
 )
 
 
@@ -122,14 +121,12 @@ class PPOTrainer:
         if self.reward_model is not None:
             scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
         else:
-            scores = self.reward_fn(prompts, responses) if is_model_parallel_src() else None
-            scores = broadcast_in_model_parallel_group(scores, (seqs.shape[0],))
+            scores = self.reward_fn.shared(prompts, responses)
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
                "group_logits": group_logits, "action_mask": rollout.response_mask[:, 1:].float(),
                "sequences": seqs, "lengths": lengths}
         if self.gold_fn is not None:
-            gold = self.gold_fn(prompts, responses) if is_model_parallel_src() else None
-            out["gold"] = broadcast_in_model_parallel_group(gold, (seqs.shape[0],))
+            out["gold"] = self.gold_fn.shared(prompts, responses)
         return out
 
     def experience(self, local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -323,11 +320,11 @@ class PPOTrainer:
                     s = score_reward_model(self.reward_model, rollout.sequences, rollout.lengths,
                                            self.cfg.rollout.micro_batch_size)
                 else:
-                    s = torch.as_tensor(self.reward_fn(prompts, responses))
+                    s = self.reward_fn.shared(prompts, responses)
                 valid = batch.valid
                 scores.append(s[valid])
                 if self.gold_fn is not None:
-                    golds.append(self.gold_fn(prompts, responses)[valid])
+                    golds.append(self.gold_fn.shared(prompts, responses)[valid])
                 groups += [g for g, v in zip(batch.groups, valid.tolist()) if v]
             score = _gather_dp_cat(torch.cat(scores))
             gold = _gather_dp_cat(torch.cat(golds)) if golds else None

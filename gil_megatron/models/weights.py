@@ -75,6 +75,8 @@ class HFReader:
 # ---- our sharded directory -------------------------------------------------------------------
 def read_meta(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     if not os.path.isfile(path):
         raise CheckpointError(
             f"{ckpt_dir} is not a gil_megatron checkpoint (no {META_FILE}); convert a HF model "

@@ -1,0 +1,155 @@
+"""Bad input fails fast with one line; determinism; rank failure and a crash during a save."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from dist_utils import spawn
+from test_trainer import mini, overrides  # noqa: F401  (the tiny miniature fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fresh(arch_kw, role, path, tokenizer_dir):
+    import glob
+    import shutil
+
+    from gil_megatron.models.config import LlamaArchConfig
+    from gil_megatron.models.convert import save_fresh_model
+
+    base = dict(vocab_size=24, hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4,
+                num_kv_heads=2, max_position_embeddings=64)
+    base.update(arch_kw)
+    save_fresh_model(LlamaArchConfig(**base), role, str(path), 1, 1, seed=0)
+    for f in glob.glob(str(tokenizer_dir / "*")):
+        shutil.copy(f, path)
+    return str(path)
+
+
+def _run_cases(cases):
+    from gil_megatron.cli import run_cli
+    from gil_megatron.trainer import main
+
+    results = {}
+    for name, argv in cases.items():
+        err = io.StringIO()
+        code = 0
+        with contextlib.redirect_stderr(err):
+            try:
+                run_cli(main, argv)
+            except SystemExit as exc:
+                code = exc.code
+        results[name] = (code, err.getvalue())
+    return results
+
+
+def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
+    data, tok = mini / "data", mini / "data" / "tokenizer"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jsonl").write_text("")
+    (bad / "malformed.jsonl").write_text('{"prompt": "COPY a b c d ="}\n{"prompt": "COPY a b\n')
+    (bad / "nofield.jsonl").write_text('{"text": "COPY a b c d ="}\n')
+    (bad / "hf_like").mkdir()
+    models = {
+        "heads3": _fresh(dict(hidden_size=48, num_attention_heads=3, num_kv_heads=3), "actor", bad / "heads3", tok),
+        "mqa": _fresh(dict(num_kv_heads=1), "actor", bad / "mqa", tok),
+        "ffn": _fresh(dict(intermediate_size=129), "actor", bad / "ffn", tok),
+        "layers3": _fresh(dict(num_layers=3), "actor", bad / "layers3", tok),
+        "critic3": _fresh(dict(num_groups=3), "critic", bad / "critic3", tok),
+    }
+    other_layout = bad / "run_other" / "checkpoints" / "iter_0000001"
+    other_layout.mkdir(parents=True)
+    (other_layout / "trainer_state.json").write_text(json.dumps({"iteration": 1, "layout": {"tp": 1, "pp": 1, "dp": 2}}))
+    (other_layout / "COMPLETE").write_text("1\n")
+
+    def argv(**kw):
+        return overrides(mini, tmp_path / "run", **{"parallel.tp": 2, **kw})
+
+    cases = {  # name -> (argv, text the one-line error must contain)
+        "unknown key": (argv(**{"ppo.kl_coeff": 1}), "unknown config key 'ppo.kl_coeff'"),
+        "wrong type": (argv(**{"ppo.kl_coef": "abc"}), "ppo.kl_coef"),
+        "bad value": (argv(**{"rollout.top_p": 1.5}), "rollout.top_p=1.5"),
+        "unknown algo": (argv(algo="grpo"), "algo='grpo'"),
+        "missing config file": (["/nonexistent/config.yaml"], "config file /nonexistent/config.yaml not found"),
+        "missing required key": (["data.train_prompts=x", "models.reward_fn=a:b"], "models.actor has no value"),
+        "two rewards": (argv(**{"models.reward_fn": "a:b"}), "exactly one of models.reward_model"),
+        "tp*pp vs world": (argv(**{"parallel.tp": 4}), "not divisible by parallel.tp * parallel.pp = 4*1"),
+        "tp vs heads": (argv(**{"models.actor": models["heads3"]}), "num_attention_heads=3"),
+        "tp vs kv heads": (argv(**{"models.actor": models["mqa"]}), "num_kv_heads=1"),
+        "tp vs ffn": (argv(**{"models.actor": models["ffn"]}), "intermediate_size=129"),
+        "pp vs layers": (argv(**{"parallel.tp": 1, "parallel.pp": 2, "models.actor": models["layers3"]}), "num_layers=3"),
+        "micro-batch": (argv(**{"ppo.micro_batch_size": 3}), "ppo.micro_batch_size=3"),
+        "mini-batch": (argv(**{"ppo.mini_batch_size": 5}), "ppo.mini_batch_size=5"),
+        "missing data": (argv(**{"data.train_prompts": str(bad / "nope.jsonl")}), "nope.jsonl"),
+        "empty data": (argv(**{"data.train_prompts": str(bad / "empty.jsonl")}), "empty.jsonl"),
+        "malformed line": (argv(**{"data.train_prompts": str(bad / "malformed.jsonl")}), "line 2"),
+        "missing field": (argv(**{"data.train_prompts": str(bad / "nofield.jsonl")}), "prompt"),
+        "prompt too long": (argv(**{"data.max_prompt_length": 3}), "max_prompt_length"),
+        "missing checkpoint": (argv(**{"models.actor": str(bad / "nope")}), "does not exist"),
+        "not our format": (argv(**{"models.actor": str(bad / "hf_like")}), "convert a HF model"),
+        "head shape": (argv(**{"models.critic": models["critic3"]}), "shape of 'output_layer.score.weight'"),
+        "resume other layout": (overrides(mini, bad / "run_other", **{"parallel.tp": 2, "checkpoint.resume": "auto"}),
+                                "resume with the same layout"),
+        "missing tokenizer": (argv(**{"models.tokenizer": str(bad / "nope_tok")}), "no tokenizer"),
+        "reward fn import": (argv(**{"models.reward_model": "null", "models.reward_fn": "no_such_module:f"}),
+                             "cannot import module 'no_such_module'"),
+        "reward fn missing": (argv(**{"models.reward_model": "null", "models.reward_fn": "reward_fns:nope"}),
+                              "has no function 'nope'"),
+        "reward fn length": (argv(**{"models.reward_model": "null", "models.reward_fn": "reward_fns:wrong_length"}),
+                             "returned 17 scores for 16 responses"),
+        "reward fn type": (argv(**{"models.reward_model": "null", "models.reward_fn": "reward_fns:not_numbers"}),
+                           "must return a list of floats"),
+        "reward fn nan": (argv(**{"models.reward_model": "null", "models.reward_fn": "reward_fns:nan_scores",
+                                  "train.iterations": 5, "train.max_bad_steps": 2}),
+                          "2 consecutive iterations with non-finite values (last: non-finite scores"),
+    }
+    results = spawn(_run_cases, 2, {k: v[0] for k, v in cases.items()})[0]
+    for name, (_, expected) in cases.items():
+        code, err = results[name]
+        lines = [line for line in err.splitlines() if line.strip()]
+        error_lines = [line for line in lines if line.startswith("error")]
+        assert code == 2, (name, code, err[-500:])
+        assert len(error_lines) == 1 and "Traceback" not in err, (name, err[-500:])
+        assert expected in error_lines[0], (name, error_lines[0])
+    assert len(cases) >= 20
+
+
+def test_rank_killed_mid_run_and_during_save_resumes_exactly(mini, tmp_path):  # noqa: F811
+    """torchrun --max-restarts: rank 1 is SIGKILLed at the start of iteration 3, then (second
+    attempt) rank 0 is SIGKILLed in the middle of writing the iteration-4 checkpoint. The third
+    attempt resumes from iteration 2 (the partial checkpoint is never picked) and the final metrics
+    and weights equal an uninterrupted run's."""
+    from gil_megatron.checkpoint import complete_checkpoints
+    from gil_megatron.models.weights import hf_tensors_of_checkpoint
+
+    def launch(run_dir, faults=None):
+        argv = overrides(mini, run_dir, **{"parallel.tp": 2, "train.iterations": 4, "train.save_every": 2,
+                                           "checkpoint.resume": "auto", "checkpoint.keep_last": 1})
+        env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "MAX_RESTARTS": "2"}
+        if faults:
+            env["GIL_MEGATRON_FAULTS"] = faults
+        proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "run_gil_ppo.sh"),
+                               os.path.join(ROOT, "examples", "configs", "miniature.yaml"), *argv],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in open(run_dir / "metrics.jsonl")], proc.stdout + proc.stderr
+
+    clean, _ = launch(tmp_path / "clean")
+    faulty, log = launch(tmp_path / "faulty", "rank1:iter3:attempt0:before_iteration,rank0:iter4:attempt1:during_save")
+    assert log.count("resumed from") == 2, log[-3000:]
+
+    def comparable(lines):
+        return [{k: v for k, v in m.items() if not k.startswith("time/") and k != "rollout/tokens_per_s"} for m in lines]
+
+    assert comparable(faulty) == comparable(clean)
+    ckpts = complete_checkpoints(str(tmp_path / "faulty"))
+    assert [os.path.basename(c) for c in ckpts] == ["iter_0000004"]  # keep_last=1 rotated iteration 2 away
+    a = dict(hf_tensors_of_checkpoint(os.path.join(complete_checkpoints(str(tmp_path / "clean"))[-1], "actor")))
+    b = dict(hf_tensors_of_checkpoint(os.path.join(ckpts[-1], "actor")))
+    assert all(torch.equal(a[n], b[n]) for n in a)
