@@ -1,0 +1,23 @@
+"""Fused ops backed by the csrc/ kernels (gil_megatron._C), each with a pure-torch reference beside it."""
+
+from gil_megatron.ops.logprob import (
+    HAVE_KERNEL,
+    KL_REDUCTIONS,
+    fused_logprobs_kl,
+    kernel_backend,
+    masked_kl,
+    reference_masked_kl,
+    reference_vocab_parallel_logprobs,
+    vocab_parallel_logprobs,
+)
+
+__all__ = [
+    "HAVE_KERNEL",
+    "KL_REDUCTIONS",
+    "fused_logprobs_kl",
+    "kernel_backend",
+    "masked_kl",
+    "reference_masked_kl",
+    "reference_vocab_parallel_logprobs",
+    "vocab_parallel_logprobs",
+]
