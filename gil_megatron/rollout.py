@@ -1,0 +1,284 @@
+"""Rollout: autoregressive generation with a KV cache under tensor and pipeline parallelism.
+
+    settings = SamplingSettings(max_new_tokens=64, temperature=1.0, top_p=0.9, eos_token_id=2)
+    batch = generate(actor, prompt_ids, prompt_lengths, settings, generator)
+    batch.sequences [b, s]   batch.lengths [b]   batch.response_mask [b, s]   (same on every rank)
+
+How one batch is decoded (the classic megatron text-generation scheme):
+
+- Prompts are right-padded ([b, s_p] + lengths). Decoding starts at the SHORTEST prompt length
+  s_min: one prefill forward over tokens [0, s_min), then one token per step. At step t a row whose
+  prompt is longer than t is "forced": its next token is its own prompt token t, not a sample. So
+  every row stays contiguous (prompt, response, pad), all rows share positions 0..s-1, and plain
+  causal attention is exact - no left padding, no attention mask.
+- A row stops at its first ``eos_token_id`` (kept, and counted in ``lengths``) or after
+  ``max_new_tokens`` generated tokens; finished rows are fed pad tokens (they sit after the row's
+  end, so causal attention keeps them out of every real token). The loop ends when all rows stop:
+  one host sync per step (``done.all()``), unavoidable for early stopping.
+
+KV cache: megatron-core's own, ``StaticInferenceContext(max_batch_size, max_sequence_length)``
+passed as ``inference_context``. Each attention layer allocates [s_max, b, kv_heads/tp, head_dim]
+key/value buffers on first use, writes the new keys/values at ``sequence_len_offset`` and attends
+over the cached prefix; RoPE for the queries is sliced at the same offset, so ``position_ids`` do
+not move rotary positions (we still pass the true positions). With ``sequence_len_offset > 0``
+megatron switches attention to no-mask, which is exact because a decode step has one query
+token. We do not set megatron's ``InferenceMode``: it asks GPTModel to gather the TP logits itself
+and to use CUDA-only paths (flash decode, CUDA graphs); our actor head keeps logits vocab-parallel
+and we gather only the last position. On CPU this works with the existing ``cpu_compat`` patches
+(``torch.cuda.current_device`` for the cache buffers); no other patch is needed.
+Cost of this cache (measured on CPU, benchmarks/bench_generate.py): megatron stores keys before
+RoPE, so every step re-rotates the whole cached prefix, and the local attention expands GQA
+key/value heads over the whole prefix (``repeat_interleave``); at small hidden sizes these two are
+~30% of a decode step. We accept that rather than keep a private copy of megatron's attention.
+
+Sampling: the last position's vocab-parallel logits [b, V_pad/tp] are all-gathered over TP
+([b, V_pad] once per step), then temperature, top-k, top-p (in HF's order) and a multinomial draw
+with the caller's generator. Every TP rank holds the same full logits and the same generator
+state, so every TP rank samples the same token; padded vocabulary entries are -inf (the actor head
+masks them), get probability 0 and are never drawn. Only the last pipeline stage samples; the
+token goes to every stage with one broadcast on the pipeline group, and at the end the generator
+state is copied from the last stage so it agrees on every rank afterwards.
+
+Pipeline parallelism: each step runs the stages one after another; stage k receives the hidden
+states [s_step, b, h] from stage k-1 (``torch.distributed.recv`` on the pipeline group, fed with
+``model.set_input_tensor`` as megatron's schedules do) and sends its output to stage k+1. There is
+no micro-batching across stages: simple and exact, with idle stages (a rollout engine would
+interleave micro-batches).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.inference.contexts import StaticInferenceContext
+
+
+@dataclass
+class SamplingSettings:
+    """How responses are drawn. Defaults sample from the model's own distribution."""
+
+    max_new_tokens: int
+    """Most tokens generated per row (the eos, when produced, counts as one of them)."""
+    temperature: float = 1.0
+    """Logits are divided by this before top-k / top-p. Ignored when greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    greedy: bool = False
+    """Argmax decoding; temperature, top-k and top-p are ignored."""
+    eos_token_id: Optional[int] = None
+    """A row stops after producing this token (None: rows run to max_new_tokens)."""
+    pad_token_id: int = 0
+    """Written after each row's last token."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(
+                f"rollout.temperature={self.temperature} must be > 0; for argmax decoding set rollout.greedy=true"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]; 1 turns nucleus sampling off")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k={self.top_k} must be >= 0; 0 turns top-k off")
+        if self.eos_token_id is not None and self.eos_token_id < 0:
+            raise ValueError(f"rollout.eos_token_id={self.eos_token_id} must be >= 0 or null")
+        if self.pad_token_id < 0:
+            raise ValueError(f"rollout.pad_token_id={self.pad_token_id} must be >= 0")
+
+
+@dataclass
+class RolloutBatch:
+    """Generated sequences, identical on every rank. s = the longest row (prompt + response)."""
+
+    sequences: torch.Tensor
+    """[b, s] prompt, then response (eos included when produced), then pad_token_id."""
+    prompt_lengths: torch.Tensor
+    """[b] real prompt tokens of each row."""
+    lengths: torch.Tensor
+    """[b] real tokens of each row: prompt + response (incl. eos)."""
+    response_mask: torch.Tensor
+    """[b, s] 1 on generated tokens (incl. eos), 0 on prompt and pad; dtype long."""
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.lengths - self.prompt_lengths
+
+
+# ---- sampling math (no collectives: testable on one process) -----------------------------------
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits [b, V]."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [b, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the more likely ones before it already reach top_p (the first never is)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, settings: SamplingSettings,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token per row from full-vocabulary logits [b, V] (-inf entries are never drawn) -> [b]."""
+    logits = logits.float()
+    if settings.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- one forward step through the pipeline -----------------------------------------------------
+class _StageLink:
+    """This rank's place in the pipeline and the point-to-point moves of one decode step."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first = parallel_state.is_pipeline_first_stage()
+        self.last = parallel_state.is_pipeline_last_stage()
+        config = model.config
+        self.hidden_size = config.hidden_size
+        self.dtype = config.pipeline_dtype or config.params_dtype
+        if self.pp > 1:
+            self.group = parallel_state.get_pipeline_model_parallel_group()
+            self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+            self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
+            self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+
+    def forward(self, model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                context: StaticInferenceContext) -> Optional[torch.Tensor]:
+        """input_ids/position_ids [b, s_step] -> last position's vocab-parallel logits [b, V/tp] on
+        the last stage, None elsewhere."""
+        if not self.first:
+            hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.hidden_size,
+                                 dtype=self.dtype, device=input_ids.device)  # [s, b, h]
+            dist.recv(hidden, src=self.prev_rank, group=self.group)
+            model.set_input_tensor(hidden)
+        output = model(input_ids, position_ids, inference_context=context)
+        if not self.last:
+            dist.send(output.contiguous(), dst=self.next_rank, group=self.group)
+            return None
+        return output[:, -1, :]  # [b, V/tp]
+
+    def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pp > 1:
+            dist.broadcast(tokens, src=self.last_rank, group=self.group)
+        return tokens
+
+    def sync_generator(self, generator: Optional[torch.Generator], device: torch.device) -> None:
+        """Copy the last stage's generator state to the other stages (they drew nothing)."""
+        if self.pp == 1 or generator is None:
+            return
+        state = generator.get_state().to(device)
+        dist.broadcast(state, src=self.last_rank, group=self.group)
+        generator.set_state(state.cpu())
+
+
+# ---- the generation loop -----------------------------------------------------------------------
+def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
+             settings: SamplingSettings, generator: Optional[torch.Generator] = None) -> RolloutBatch:
+    """Generate responses for right-padded prompts ``prompt_ids`` [b, s_p] with ``prompt_lengths``
+    [b] on every TP/PP rank of one model replica; every rank passes the same prompts (on the model's
+    device) and a generator seeded the same way (None: torch's default generator, which is then the
+    caller's job to keep in step across TP ranks). Returns the same RolloutBatch on every rank. The
+    model is put in eval mode for the call and restored after."""
+    if prompt_ids.dim() != 2 or prompt_lengths.shape != prompt_ids.shape[:1]:
+        raise ValueError(
+            f"prompt_ids must be [b, s_p] and prompt_lengths [b]; got {tuple(prompt_ids.shape)} "
+            f"and {tuple(prompt_lengths.shape)}"
+        )
+    arch = getattr(model, "arch", None)
+    b, s_p = prompt_ids.shape
+    device = prompt_ids.device
+    prompt_lengths = prompt_lengths.to(device=device, dtype=torch.long)
+    min_len, max_len = int(prompt_lengths.min()), int(prompt_lengths.max())  # one host sync
+    if min_len < 1 or max_len > s_p:
+        raise ValueError(f"prompt_lengths must be in [1, {s_p}] (the prompt width); got {prompt_lengths.tolist()}")
+    prompt_ids = prompt_ids[:, :max_len]  # columns past the longest prompt are pad
+    width = max_len + settings.max_new_tokens  # longest possible row
+    if arch is not None:
+        if width > arch.max_position_embeddings:
+            raise ValueError(
+                f"longest prompt {max_len} + rollout.max_new_tokens={settings.max_new_tokens} = {width} exceeds "
+                f"the model's max_position_embeddings={arch.max_position_embeddings}; shorten prompts or responses"
+            )
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(settings, name)
+            if value is not None and value >= arch.vocab_size:
+                raise ValueError(f"rollout.{name}={value} is not a token id (vocab_size={arch.vocab_size})")
+
+    positions = torch.arange(width, device=device)
+    is_prompt = positions.unsqueeze(0) < prompt_lengths.unsqueeze(1)  # [b, width]
+    tokens = torch.full((b, width), settings.pad_token_id, dtype=torch.long, device=device)
+    tokens[:, :max_len] = torch.where(is_prompt[:, :max_len], prompt_ids.long(), tokens[:, :max_len])
+    lengths = prompt_lengths.clone()
+
+    link = _StageLink(model)
+    was_training = model.training
+    model.eval()
+    try:
+        # inference_mode rather than no_grad: megatron's layers are autograd Functions, whose
+        # bookkeeping it skips (~20% of a decode step on CPU at small sizes). Tensors made inside
+        # are inference tensors; tokens and lengths were made outside, and what we return is
+        # cloned, so training can use it as ordinary input.
+        with torch.inference_mode():
+            _decode(model, link, tokens, positions, is_prompt, prompt_lengths, lengths, min_len,
+                    settings, generator)
+    finally:
+        if not link.first:
+            model.set_input_tensor(None)
+        model.train(was_training)
+    link.sync_generator(generator, device)
+
+    s = int(lengths.max())
+    sequences = tokens[:, :s].clone()
+    in_row = positions[:s].unsqueeze(0) < lengths.unsqueeze(1)
+    response_mask = (in_row & ~is_prompt[:, :s]).long()
+    return RolloutBatch(sequences=sequences, prompt_lengths=prompt_lengths.clone(), lengths=lengths.clone(),
+                        response_mask=response_mask)
+
+
+def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_lengths, lengths, min_len: int,
+            settings: SamplingSettings, generator) -> None:
+    """The decode loop: fills ``tokens`` [b, width] and ``lengths`` [b] in place."""
+    b, width = tokens.shape
+    eos = settings.eos_token_id
+    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+    context = StaticInferenceContext(max_batch_size=b, max_sequence_length=width)
+    start = 0
+    for t in range(min_len, width):
+        # feed tokens [start, t): the prefill on the first step, then the one new token
+        step_ids = tokens[:, start:t]
+        step_pos = positions[start:t].unsqueeze(0).expand(b, -1)
+        last_logits = link.forward(model, step_ids, step_pos, context)  # [b, V/tp] on the last stage
+        context.sequence_len_offset = t
+        start = t
+
+        if link.last:
+            full_logits = tensor_parallel.gather_from_tensor_model_parallel_region(last_logits)  # [b, V]
+            next_tokens = sample_tokens(full_logits, settings, generator)  # [b]
+        else:
+            next_tokens = torch.empty(b, dtype=torch.long, device=tokens.device)
+        next_tokens = link.broadcast_tokens(next_tokens)
+
+        forced = is_prompt[:, t]  # rows still inside their prompt take the prompt's token
+        generated = ~forced & ~done
+        next_tokens = torch.where(forced, tokens[:, t], next_tokens)
+        next_tokens = torch.where(done, settings.pad_token_id, next_tokens)
+        tokens[:, t] = next_tokens
+        lengths += generated.long()
+        stop = (lengths - prompt_lengths) >= settings.max_new_tokens
+        if eos is not None:
+            stop |= next_tokens == eos
+        done |= generated & stop
+        if bool(done.all()):  # host sync; every rank holds the same tokens, so all ranks agree
+            break

@@ -1,0 +1,228 @@
+"""Generation with a KV cache under TP/PP: equal to HF's greedy generate, to a no-cache recompute,
+and to itself across layouts; eos, lengths and masks; seeded sampling agrees on every rank."""
+
+import pytest
+import torch
+
+from dist_utils import spawn
+
+# transformers is imported inside the functions that use it: the spawned ranks import this module,
+# and on a 2-core machine four extra transformers imports cost seconds.
+
+VOCAB = 100  # padded to 128 (tp1) / 256 (tp2): the -inf tail must never be sampled
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+MAX_NEW = 8
+PAD = 0
+HOT_ROWS, HOT_NEW = 64, 10  # 640 near-uniform draws: a padded id would show up ~140 times
+
+
+def make_hf(tmp_path) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, rope_theta=500.0, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    out = str(tmp_path / "hf")
+    LlamaForCausalLM(cfg).float().save_pretrained(out)
+    return out
+
+
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    equal = torch.randint(1, VOCAB, (3, 6), generator=g)
+    var_lengths = torch.tensor([9, 4, 6, 7])
+    var = torch.randint(1, VOCAB, (4, 9), generator=g)
+    var[torch.arange(9).unsqueeze(0) >= var_lengths.unsqueeze(1)] = PAD  # right padding
+    return equal, var, var_lengths
+
+
+def first_eos_expectation(seqs, prompt_lengths, eos):
+    """From a run without eos: the lengths and sequences a run stopping at `eos` must give."""
+    lengths, rows = [], []
+    for row, lp in zip(seqs, prompt_lengths.tolist()):
+        response = row[lp:lp + MAX_NEW].tolist()
+        n = response.index(eos) + 1 if eos in response else MAX_NEW
+        lengths.append(lp + n)
+        rows.append(row[:lp + n])
+    width = max(lengths)
+    out = torch.full((len(rows), width), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out, torch.tensor(lengths)
+
+
+def _no_cache_greedy(model, ids, prompt_lengths):
+    """Slow reference: each row alone, the full forward re-run every step, argmax appended."""
+    from gil_megatron.models.pipeline import gather_vocab_shards
+
+    rows = []
+    for row, lp in zip(ids, prompt_lengths.tolist()):
+        seq = row[:lp].unsqueeze(0)
+        for _ in range(MAX_NEW):
+            logits = gather_vocab_shards(model(seq)[:, -1])
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        rows.append(seq[0])
+    return rows
+
+
+def _layout(ckpt, tp, pp, eq_eos):
+    from gil_megatron import distributed
+    from gil_megatron.models.llama import LlamaModel
+    from gil_megatron.models.weights import arch_of, load_model_weights
+    from gil_megatron.rollout import SamplingSettings, generate
+
+    layout = distributed.initialize(tp, pp, seed=1)
+    arch = arch_of(ckpt)[0]
+    model = LlamaModel(arch, "actor")
+    load_model_weights(model, ckpt, layout.tp_rank, tp, layout.pp_rank, pp)
+    model.train()
+    equal, var, var_lengths = prompts()
+    eq_lengths = torch.full((equal.shape[0],), equal.shape[1])
+
+    def run(ids, lengths, seed=0, **kw):
+        settings = SamplingSettings(**{"max_new_tokens": MAX_NEW, "pad_token_id": PAD, **kw})
+        g = torch.Generator().manual_seed(seed)
+        out = generate(model, ids, lengths, settings, g)
+        return out, g.get_state()
+
+    r = {"layout": (layout.tp_rank, layout.pp_rank, layout.dp_rank)}
+    r["greedy_eq"] = run(equal, eq_lengths, greedy=True)[0]
+    r["greedy_eq_eos"] = run(equal, eq_lengths, greedy=True, eos_token_id=eq_eos)[0]
+    r["greedy_var"] = greedy = run(var, var_lengths, greedy=True)[0]
+    r["training_restored"] = model.training
+    # eos: a token that greedy decoding produces at response position 2 of row 1
+    eos = int(greedy.sequences[1, var_lengths[1] + 2])
+    r["eos"] = eos
+    r["greedy_var_eos"] = run(var, var_lengths, greedy=True, eos_token_id=eos)[0]
+    r["top_k1"] = run(var, var_lengths, seed=3, top_k=1, temperature=0.7)[0]
+    r["top_p_tiny"] = run(var, var_lengths, seed=3, top_p=1e-6)[0]
+    r["sample_a"], r["gen_state"] = run(var, var_lengths, seed=5, temperature=0.9, top_k=40, top_p=0.9)
+    r["sample_b"] = run(var, var_lengths, seed=5, temperature=0.9, top_k=40, top_p=0.9)[0]
+    # near-uniform over the real vocabulary: many draws, none may land in the padded tail
+    wide = torch.randint(1, VOCAB, (HOT_ROWS, 4), generator=torch.Generator().manual_seed(2))
+    r["hot"] = run(wide, torch.full((HOT_ROWS,), 4), seed=9, temperature=50.0, max_new_tokens=HOT_NEW)[0]
+    if pp == 1:
+        model.eval()
+        with torch.no_grad():
+            r["no_cache"] = _no_cache_greedy(model, var, var_lengths)
+    return r
+
+
+def _all_layouts(ckpts, eq_eos):
+    return {key: _layout(ckpt, tp, pp, eq_eos) for key, (ckpt, tp, pp) in ckpts.items()}
+
+
+def _assert_batch_equal(a, b, what):
+    for field in ("sequences", "prompt_lengths", "lengths", "response_mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), (what, field, getattr(a, field), getattr(b, field))
+
+
+def _check_masks(batch):
+    s = batch.sequences.shape[1]
+    pos = torch.arange(s).unsqueeze(0)
+    expected = (pos >= batch.prompt_lengths.unsqueeze(1)) & (pos < batch.lengths.unsqueeze(1))
+    assert torch.equal(batch.response_mask, expected.long())
+    assert s == int(batch.lengths.max())
+    assert (batch.sequences[pos >= batch.lengths.unsqueeze(1)] == PAD).all()
+
+
+def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from gil_megatron.models.convert import hf_to_megatron
+
+    hf_dir = make_hf(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(hf_dir).float().eval()
+    equal, var, var_lengths = prompts()
+
+    def hf_greedy(ids, **kw):
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW,
+                           pad_token_id=PAD, **kw)
+
+    with torch.no_grad():
+        hf_eq = hf_greedy(equal, eos_token_id=None)
+        eq_eos = int(hf_eq[0, equal.shape[1] + 3])  # produced by row 0 at response position 3
+        hf_eq_eos = hf_greedy(equal, eos_token_id=eq_eos)
+        hf_var = [hf_greedy(var[i:i + 1, :lp], eos_token_id=None)[0] for i, lp in enumerate(var_lengths.tolist())]
+    assert hf_eq_eos.shape[1] < hf_eq.shape[1] or (hf_eq_eos == PAD).any()  # eos really stops a row
+
+    ckpts = {}
+    for tp, pp in LAYOUTS:
+        ckpt = str(tmp_path / f"ckpt_tp{tp}_pp{pp}")
+        hf_to_megatron(hf_dir, ckpt, tp, pp)
+        ckpts[(tp, pp)] = (ckpt, tp, pp)
+    per_rank = spawn(_all_layouts, 4, ckpts, eq_eos)
+
+    ref = per_rank[0][(1, 1)]
+    # TP1 greedy == HF greedy (batched equal-length prompts, with and without eos; per row otherwise)
+    assert torch.equal(ref["greedy_eq"].sequences, hf_eq)
+    assert torch.equal(ref["greedy_eq_eos"].sequences, hf_eq_eos)
+    for i, lp in enumerate(var_lengths.tolist()):
+        assert torch.equal(ref["greedy_var"].sequences[i, :lp + MAX_NEW], hf_var[i]), i
+        assert torch.equal(ref["greedy_var"].sequences[i, :lp + MAX_NEW], ref["no_cache"][i]), i
+    assert torch.equal(ref["greedy_var"].lengths, var_lengths + MAX_NEW)
+    # eos stops each row at its first eos; lengths and masks follow
+    eos = ref["eos"]
+    exp_seqs, exp_lengths = first_eos_expectation(ref["greedy_var"].sequences, var_lengths, eos)
+    assert torch.equal(ref["greedy_var_eos"].sequences, exp_seqs)
+    assert torch.equal(ref["greedy_var_eos"].lengths, exp_lengths)
+    assert exp_lengths[1] == var_lengths[1] + 3
+    # top-k=1 and a tiny nucleus are greedy; seeded sampling repeats itself
+    _assert_batch_equal(ref["top_k1"], ref["greedy_var"], "top_k=1")
+    _assert_batch_equal(ref["top_p_tiny"], ref["greedy_var"], "top_p=1e-6")
+    _assert_batch_equal(ref["sample_a"], ref["sample_b"], "same seed")
+    assert not torch.equal(ref["sample_a"].sequences, ref["greedy_var"].sequences)
+
+    for (tp, pp) in LAYOUTS:
+        results = [r[(tp, pp)] for r in per_rank]
+        first = results[0]
+        for key in ("greedy_eq", "greedy_eq_eos", "greedy_var", "greedy_var_eos", "top_k1", "top_p_tiny",
+                    "sample_a", "sample_b", "hot"):
+            _check_masks(first[key])
+            # identical on every rank (all TP, PP and DP ranks)
+            for other in results[1:]:
+                _assert_batch_equal(other[key], first[key], (tp, pp, key, other["layout"]))
+            # greedy decoding is layout-independent
+            if key.startswith("greedy") or key in ("top_k1", "top_p_tiny"):
+                _assert_batch_equal(first[key], ref[key], (tp, pp, key))
+        for other in results[1:]:
+            assert torch.equal(other["gen_state"], first["gen_state"]), (tp, pp, "generator state")
+        assert all(r["training_restored"] for r in results)
+        hot = first["hot"]
+        assert hot.sequences.max() < VOCAB and hot.response_mask.sum() == HOT_ROWS * HOT_NEW
+        assert len(torch.unique(hot.sequences[hot.response_mask.bool()])) > 90  # really near-uniform
+        if pp == 1:
+            for i, lp in enumerate(var_lengths.tolist()):
+                assert torch.equal(first["greedy_var"].sequences[i, :lp + MAX_NEW], first["no_cache"][i])
+
+
+# ---- sampling math on one process ---------------------------------------------------------------
+def test_settings_validation_names_the_field():
+    from gil_megatron.rollout import SamplingSettings
+
+    with pytest.raises(ValueError, match=r"rollout.top_p=1.5 must be in \(0, 1\]"):
+        SamplingSettings(max_new_tokens=4, top_p=1.5)
+    for kwargs, field in [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": 0.0}, "temperature"),
+                          ({"top_k": -1}, "top_k"), ({"eos_token_id": -2}, "eos_token_id"),
+                          ({"pad_token_id": -1}, "pad_token_id"), ({"top_p": 0.0}, "top_p")]:
+        with pytest.raises(ValueError, match=f"rollout.{field}="):
+            SamplingSettings(**{"max_new_tokens": 4, **kwargs})
+
+
+def test_filter_logits_top_k_top_p():
+    from gil_megatron.rollout import filter_logits, sample_tokens, SamplingSettings
+
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05, 0.0]]))  # last = -inf (padded vocab)
+    keep = lambda out: torch.isfinite(out[0]).nonzero().flatten().tolist()  # noqa: E731
+    assert keep(filter_logits(logits, top_k=2)) == [0, 1]
+    assert keep(filter_logits(logits, top_p=0.5)) == [0]
+    assert keep(filter_logits(logits, top_p=0.69)) == [0, 1]
+    assert keep(filter_logits(logits, top_p=0.71)) == [0, 1, 2]
+    assert keep(filter_logits(logits, top_k=2, top_p=0.9)) == [0, 1]
+    assert keep(filter_logits(logits)) == [0, 1, 2, 3, 4]
+    g = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits.expand(4000, -1), SamplingSettings(max_new_tokens=1), g)
+    assert draws.max() < 5
+    freq = torch.bincount(draws, minlength=6).float() / 4000
+    assert torch.allclose(freq[:5], torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]), atol=0.03)
