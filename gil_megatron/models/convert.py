@@ -53,7 +53,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, role: str = "act
                 if progress:
                     progress(f"wrote shard tp={tp_rank} pp={pp_rank} ({pp_rank * tp + tp_rank + 1}/{total})")
         write_meta(tmp, arch, role, tp, pp, source=os.path.abspath(hf_dir))
-        _copy_tokenizer_files(hf_dir, tmp)
+        copy_tokenizer_files(hf_dir, tmp)
     reader.close()
     return note
 
@@ -80,7 +80,7 @@ def megatron_to_hf(ckpt_dir: str, out_dir: str, progress: Optional[Progress] = N
         hf_config["torch_dtype"] = str(dtype).replace("torch.", "")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        _copy_tokenizer_files(ckpt_dir, tmp)
+        copy_tokenizer_files(ckpt_dir, tmp)
 
 
 def _score_rows(reader: HFReader) -> int:
@@ -110,7 +110,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "generation_config.json")
 
 
-def _copy_tokenizer_files(src: str, dst: str) -> None:
+def copy_tokenizer_files(src: str, dst: str) -> None:
     import shutil
 
     for name in _TOKENIZER_FILES:

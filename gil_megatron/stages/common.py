@@ -1,0 +1,441 @@
+"""The training loop shared by SFT, reward-model and DPO training (one engine, three objectives).
+
+A stage (sft.py, reward_model.py, dpo.py) subclasses ``Stage`` and says only what differs: the
+dataset it reads, how a batch becomes micro-batches, what one micro-batch counts for the loss's
+denominator, and the loss of one micro-batch. Everything else is here, in the order it runs:
+
+    config + tokenizer + datasets      (data errors surface before any process group exists)
+    distributed.initialize(tp, pp)     dp = world / (tp * pp)
+    model_from_checkpoint(init, role)  -> Trainable (megatron DDP + optimizer + LR schedule)
+    resume (checkpoint.resume=auto)    weights, optimizer, scheduler, RNG, data cursor
+    per optimizer step:
+        batch = loader.next_batch()                  this rank's global_batch_size / dp examples
+        mbs = stage.microbatches(batch)              micro_batch_size examples each, on the device
+        normalizer = all_reduce_dp(sum count) / dp   see "Loss normalisation"
+        stage.before_forward(mbs)                    DPO: reference log-probs, no grad
+        trainable.forward_backward(mbs, loss)        megatron's pipeline schedule; DDP grad all-reduce
+        trainable.step()                             clip, Adam, LR schedule
+        reduce_sums(...)                             ONE all-reduce + ONE host sync for all metrics
+    eval every train.eval_every steps and at the end; checkpoint every train.save_every and at the end
+    final model directory (our format, loadable by any layout) -> ``output`` (default run_dir/model)
+
+Loss normalisation. The objective of a step is a mean over the GLOBAL batch (per response token
+for SFT, per pair for the reward model and DPO). megatron's DDP averages gradients over the dp
+ranks (``average_in_collective=False`` pre-scales each rank's gradient by 1/dp before the sum), and
+``run_microbatches`` undoes the schedule's averaging over micro-batches. So the loss of one
+micro-batch is  sum_(its examples) l / (N_global / dp),  which makes the reduced gradient exactly
+the single-rank gradient of  sum_(global batch) l / N_global  for any tp / pp / dp and any
+micro-batch split (tests/stages/test_stages.py checks TP2 and DP2 against TP1).
+
+Metrics. A loss function returns (loss, sums): detached tensors that ADD over micro-batches and
+ranks: ``count`` (tokens or pairs), each metric as mean * count, and in eval per-known-group vectors
+``group/<metric>`` [G] with ``group_count`` [G]. ``reduce_sums`` adds them up, all-reduces once over
+data parallelism, syncs to the host once and divides: train/<metric>, eval/<metric>,
+eval/group/<name>/<metric>. No ``.item()`` runs per micro-batch.
+"""
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from gil_megatron import distributed
+from gil_megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv, to_dict
+from gil_megatron.data import DataLoader, PreferenceBatch, SequenceBatch, eval_batches, pad_token_id
+from gil_megatron.distributed import ParallelLayout
+from gil_megatron.logging import MetricsLogger
+from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
+from gil_megatron.models.convert import copy_tokenizer_files  # the one list of tokenizer files
+from gil_megatron.models.pipeline import run_microbatches
+from gil_megatron.models.weights import CheckpointError, model_state_for_save, save_shard, write_meta
+from gil_megatron.ops.logprob import vocab_parallel_logprobs
+from gil_megatron.optim import Trainable
+
+Sums = Dict[str, torch.Tensor]
+MODEL_KEY = "model"  # the trained model's name inside training checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage provides
+# ---------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """One training objective on the shared loop. Subclasses set the class attributes and
+    implement ``load_dataset``, ``microbatches``, ``count`` and ``loss``."""
+
+    name: str = "stage"
+    """Prefix of the progress bar and the summary line."""
+    schema = StageConfig
+    """The config dataclass (gil_megatron/config.py)."""
+    role: str = "actor"
+    """Role of the trained model (what model_from_checkpoint builds and the output directory holds)."""
+    count_name: str = "examples"
+    """What ``count`` counts (reported as train/<count_name>)."""
+    show: Tuple[str, ...] = ("train/loss",)
+    """Metrics shown on the progress bar."""
+    summary: Tuple[str, ...] = ("eval/loss",)
+    """Metrics of the one-line summary at the end (the first present ones are printed)."""
+
+    def __init__(self, cfg: StageConfig, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pad_id = pad_token_id(tokenizer)
+        self.group_names: List[str] = []
+        self._group_index: Dict[str, int] = {}
+        self.device = distributed.device()
+
+    # -- data --------------------------------------------------------------------------------
+    def load_dataset(self, path: str):
+        raise NotImplementedError
+
+    def set_groups(self, *datasets) -> None:
+        """Known groups (for per-group eval metrics only), the same list on every rank."""
+        names = set()
+        for ds in datasets:
+            if ds is not None:
+                names.update(g for g in ds.groups if g is not None)
+        self.group_names = sorted(names)
+        self._group_index = {g: i for i, g in enumerate(self.group_names)}
+
+    def group_ids(self, groups: Sequence[Optional[str]]) -> torch.Tensor:
+        """[b] long: the index of each example's group in ``group_names``, -1 for none."""
+        return torch.tensor([self._group_index.get(g, -1) if g is not None else -1 for g in groups],
+                            dtype=torch.long, device=self.device)
+
+    # -- models -------------------------------------------------------------------------------
+    def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
+        """Build anything besides the trained model (DPO: the frozen reference)."""
+
+    # -- one step -------------------------------------------------------------------------------
+    def microbatches(self, batch) -> List[Dict[str, torch.Tensor]]:
+        """This rank's batch -> micro-batches of train.micro_batch_size examples, on the device.
+        Each dict holds ``input_ids`` [b, s] (what the model reads) and what ``loss`` needs."""
+        raise NotImplementedError
+
+    def count(self, mb: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """0-dim: this micro-batch's share of the objective's denominator (tokens or pairs)."""
+        raise NotImplementedError
+
+    def before_forward(self, mbs: List[Dict[str, torch.Tensor]]) -> None:
+        """Runs on every rank before the forward (and backward) of a step or an eval batch."""
+
+    def loss(self, mb: Dict[str, torch.Tensor], output: torch.Tensor, normalizer: Optional[torch.Tensor],
+             with_groups: bool) -> Tuple[torch.Tensor, Sums]:
+        """(loss of this micro-batch, additive sums for metrics); runs on the last pipeline stage."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers the stages share
+# ---------------------------------------------------------------------------------------------
+
+
+def chunks(n: int, size: int) -> List[slice]:
+    """[0, n) in consecutive slices of at most ``size``."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits [b, s, V/tp] -> [b, s-1]: position t holds log p(input_ids[t+1] | ids[<=t]).
+    Only per-token scalars cross the TP group (gil_megatron/ops/logprob.py)."""
+    logprobs, _ = vocab_parallel_logprobs(
+        logits[:, :-1].contiguous(), input_ids[:, 1:], tp_group=parallel_state.get_tensor_model_parallel_group()
+    )
+    return logprobs
+
+
+def sequence_microbatch(stage: Stage, seqs: SequenceBatch, sl: slice) -> Dict[str, torch.Tensor]:
+    """Rows ``sl`` of a SequenceBatch, cut to their longest row: input_ids, lengths,
+    response_mask [b, s]; weight [b] (0 on eval filler rows); group_ids [b]."""
+    width = int(seqs.lengths[sl].max())  # CPU tensor: no device sync
+    mb = {
+        "input_ids": seqs.input_ids[sl, :width],
+        "lengths": seqs.lengths[sl],
+        "response_mask": seqs.response_mask[sl, :width],
+        "weight": seqs.valid[sl].float(),
+    }
+    mb = {k: v.to(stage.device) for k, v in mb.items()}
+    mb["group_ids"] = stage.group_ids(seqs.groups[sl])
+    return mb
+
+
+def pair_microbatch(stage: Stage, batch: PreferenceBatch, sl: slice) -> Dict[str, torch.Tensor]:
+    """Pairs ``sl`` as one forward: chosen rows then rejected rows, [2m, s] (padded to the longer).
+    weight and group_ids are per pair [m]."""
+    chosen, rejected = batch.chosen, batch.rejected
+    width = int(torch.maximum(chosen.lengths[sl].max(), rejected.lengths[sl].max()))
+
+    def cut(x: torch.Tensor, fill) -> torch.Tensor:  # [m, s_x] -> [m, width]
+        x = x[sl, :width]
+        if x.shape[1] < width:
+            x = torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
+        return x
+
+    mb = {
+        "input_ids": torch.cat([cut(chosen.input_ids, stage.pad_id), cut(rejected.input_ids, stage.pad_id)]),
+        "lengths": torch.cat([chosen.lengths[sl], rejected.lengths[sl]]),
+        "response_mask": torch.cat([cut(chosen.response_mask, False), cut(rejected.response_mask, False)]),
+        "weight": batch.valid[sl].float(),
+    }
+    mb = {k: v.to(stage.device) for k, v in mb.items()}
+    mb["group_ids"] = stage.group_ids(batch.groups[sl])
+    return mb
+
+
+def sums_from_means(metrics: Dict[str, torch.Tensor], count: torch.Tensor) -> Sums:
+    """Weighted means over a micro-batch -> additive sums (mean * count), plus ``count``."""
+    sums = {k: v.detach().double() * count.double() for k, v in metrics.items()}
+    sums["count"] = count.detach().double()
+    return sums
+
+
+def add_group_sums(sums: Sums, stage: Stage, per_example: Dict[str, torch.Tensor], weight: torch.Tensor,
+                   group_ids: torch.Tensor) -> Sums:
+    """Per-known-group sums of per-example values ([b] each, weighted by ``weight`` [b]):
+    ``group/<name>`` [G] and ``group_count`` [G]. Examples without a group are left out."""
+    G = len(stage.group_names)
+    if G == 0:
+        return sums
+    known = group_ids >= 0
+    index = group_ids.clamp_min(0)
+    w = (weight * known).double()
+    sums["group_count"] = torch.zeros(G, dtype=torch.float64, device=w.device).index_add_(0, index, w)
+    for name, value in per_example.items():
+        sums[f"group/{name}"] = torch.zeros(G, dtype=torch.float64, device=w.device).index_add_(
+            0, index, value.detach().double() * w)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric reduction: once per step
+# ---------------------------------------------------------------------------------------------
+
+
+def reduce_sums(per_microbatch: List[Sums], layout: ParallelLayout, prefix: str, count_name: str,
+                group_names: Sequence[str]) -> Dict[str, float]:
+    """Add the micro-batches' sums, all-reduce over data parallelism, sync to the host once and
+    divide by the counts. The last pipeline stage computes; every rank returns the result."""
+    result = None
+    if layout.is_last_stage:
+        keys = sorted(per_microbatch[0])
+        parts = [torch.stack([s[k] for s in per_microbatch]).sum(0).reshape(-1) for k in keys]
+        flat = torch.cat(parts).double()
+        if layout.dp > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        values = flat.tolist()  # the one host sync
+        totals, i = {}, 0
+        for k, p in zip(keys, parts):
+            totals[k], i = values[i:i + p.numel()], i + p.numel()
+        result = _divide(totals, prefix, count_name, group_names)
+    if layout.pp > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        result = box[0]
+    return result
+
+
+def _divide(totals: Dict[str, List[float]], prefix: str, count_name: str,
+            group_names: Sequence[str]) -> Dict[str, float]:
+    count = totals["count"][0]
+    out = {f"{prefix}/{count_name}": count}
+    for key, value in totals.items():
+        if key in ("count", "group_count"):
+            continue
+        if key.startswith("group/"):
+            metric = key[len("group/"):]
+            for g, name in enumerate(group_names):
+                n = totals["group_count"][g]
+                if n > 0:
+                    out[f"{prefix}/group/{name}/{metric}"] = value[g] / n
+        else:
+            out[f"{prefix}/{key}"] = value[0] / count if count > 0 else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Step, eval, save
+# ---------------------------------------------------------------------------------------------
+
+
+def global_count(stage: Stage, mbs, layout: ParallelLayout) -> torch.Tensor:
+    """sum over this step's global batch of ``stage.count`` (every rank computes it from its data)."""
+    total = torch.stack([stage.count(mb).double() for mb in mbs]).sum()
+    if layout.dp > 1:
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total
+
+
+def train_step(stage: Stage, trainable: Trainable, loader: DataLoader, layout: ParallelLayout) -> Dict[str, float]:
+    mbs = stage.microbatches(loader.next_batch())
+    # per-rank denominator: with DDP's 1/dp gradient averaging this gives the global-batch mean
+    normalizer = (global_count(stage, mbs, layout) / layout.dp).clamp_min(1.0)
+    stage.before_forward(mbs)
+    outs = trainable.forward_backward(mbs, lambda mb, out: stage.loss(mb, out, normalizer, False))
+    updated, grad_norm = trainable.step()
+    metrics = reduce_sums(outs, layout, "train", stage.count_name, stage.group_names)
+    metrics.update({"optim/lr": trainable.lr(), "optim/grad_norm": grad_norm, "optim/skipped": float(not updated),
+                    "train/epoch": float(loader.epoch)})
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, model: torch.nn.Module, dataset, layout: ParallelLayout) -> Dict[str, float]:
+    """One ordered pass over ``dataset``: metrics weighted by real (non-filler) examples."""
+    sums: List[Sums] = []
+    for batch in eval_batches(dataset, stage.cfg.train.eval_batch_size, pad_token_id=stage.pad_id,
+                              dp_rank=layout.dp_rank, dp_size=layout.dp):
+        mbs = stage.microbatches(batch)
+        stage.before_forward(mbs)
+        sums.extend(run_microbatches(model, mbs, lambda mb, out: stage.loss(mb, out, None, True), forward_only=True))
+    return reduce_sums(sums, layout, "eval", stage.count_name, stage.group_names)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model_dir(out_dir: str, layout: ParallelLayout, model, tokenizer_dir: str, source: str) -> str:
+    """Write the trained model as a model directory in our format, atomically across ranks:
+    every dp_rank-0 rank writes its shard into a temporary sibling, rank 0 adds the metadata and
+    the tokenizer, and renames it into place after a barrier. Every rank calls this."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{os.path.basename(out_dir)}")
+    if distributed.is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    if layout.dp_rank == 0:
+        save_shard(tmp, layout.tp_rank, layout.pp_rank, model_state_for_save(model))
+    _barrier()
+    if distributed.is_rank0():
+        write_meta(tmp, model.arch, model.role, layout.tp, layout.pp, source=source)
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        old = out_dir + ".old"
+        if os.path.exists(out_dir):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRun:
+    """Everything one run holds, built by ``build_run`` from the command line."""
+
+    cfg: StageConfig
+    stage: Stage
+    layout: ParallelLayout
+    model: torch.nn.Module  # the trained LlamaModel (inside trainable's DDP wrapper)
+    trainable: Trainable
+    loader: DataLoader
+    eval_set: object
+    tokenizer_dir: str
+
+
+def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
+    """Config, tokenizer and datasets first (user errors surface before any process group), then
+    the parallel layout, the model, its optimizer and the training data loader."""
+    yaml_path, overrides = overrides_from_argv(list(argv))
+    cfg = load_config(stage_cls.schema, yaml_path, overrides)
+    if not os.path.isdir(cfg.init):
+        raise CheckpointError(f"init={cfg.init}: no such model directory (tools/init_model.py writes a fresh one)")
+    tokenizer_dir = cfg.tokenizer or cfg.init
+    stage = stage_cls(cfg, load_tokenizer(tokenizer_dir))
+    train_set = stage.load_dataset(cfg.data.train)
+    eval_set = stage.load_dataset(cfg.data.eval) if cfg.data.eval else None
+    stage.set_groups(train_set, eval_set)
+
+    layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.seed)
+    cfg.train.check_world(layout.dp)
+    if eval_set is not None and cfg.train.eval_batch_size % layout.dp:
+        raise ConfigError(f"train.eval_batch_size={cfg.train.eval_batch_size} must be divisible by "
+                          f"the data-parallel size {layout.dp}")
+    dtype = resolve_dtype("auto")
+    model = model_from_checkpoint(cfg.init, stage.role, layout, dtype)
+    trainable = Trainable(model, cfg.optim)
+    stage.setup(layout, dtype)
+    loader = DataLoader(train_set, cfg.train.global_batch_size, seed=cfg.seed, pad_token_id=stage.pad_id,
+                        dp_rank=layout.dp_rank, dp_size=layout.dp)
+    return StageRun(cfg, stage, layout, model, trainable, loader, eval_set, tokenizer_dir)
+
+
+def resume(r: StageRun) -> Tuple[int, Optional[str]]:
+    """checkpoint.resume: restore weights, optimizer, LR schedule, RNG and the data cursor.
+    Returns (the step to continue after, the checkpoint or None)."""
+    path = resolve_resume(r.cfg.run_dir, r.cfg.checkpoint.resume)
+    if path is None:
+        return 0, None
+    state = load_checkpoint(path, r.layout, {MODEL_KEY: r.model}, {MODEL_KEY: r.trainable})
+    if state.get("stage") != r.stage.name:
+        raise CheckpointError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not "
+                              f"{r.stage.name!r}; use another run_dir or checkpoint.resume=none")
+    r.loader.load_state_dict(state["data"])
+    return int(state["iteration"]), path
+
+
+def run(stage_cls, argv: Sequence[str]) -> Dict[str, float]:
+    """``[CONFIG.yaml] [key=value ...]`` -> train, evaluate, save. Returns the last logged metrics
+    (plus ``step``) on every rank. Leaves the process group up (the CLI tears it down)."""
+    r = build_run(stage_cls, argv)
+    cfg, stage, layout = r.cfg, r.stage, r.layout
+    start, resumed_from = resume(r)
+    logger = MetricsLogger(cfg.run_dir, cfg.train.steps, to_dict(cfg), progress=cfg.logging.progress,
+                           use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                           initial_step=start, desc=stage.name)
+    if distributed.is_rank0():
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+    if resumed_from is not None:
+        logger.print(f"{stage.name}: resumed from {resumed_from} at step {start}")
+
+    last: Dict[str, float] = {}
+    steps, eval_every, save_every = cfg.train.steps, cfg.train.eval_every, cfg.train.save_every
+    for step in range(start + 1, steps + 1):
+        t0 = time.perf_counter()
+        metrics = train_step(stage, r.trainable, r.loader, layout)
+        metrics["time/step_s"] = time.perf_counter() - t0
+        if r.eval_set is not None and (step == steps or (eval_every and step % eval_every == 0)):
+            t1 = time.perf_counter()
+            metrics.update(evaluate(stage, r.trainable.model, r.eval_set, layout))
+            metrics["time/eval_s"] = time.perf_counter() - t1
+        logger.log(step, metrics, show=stage.show)
+        if step == steps or (save_every and step % save_every == 0):
+            save_checkpoint(cfg.run_dir, step, layout, {MODEL_KEY: r.model}, {MODEL_KEY: r.trainable},
+                            {"stage": stage.name, "data": r.loader.state_dict()}, cfg.checkpoint.keep_last)
+        last = {"step": step, **metrics}
+    if not last:  # nothing left to train (steps=0, or resumed at the end): evaluate what we have
+        last = {"step": start}
+        if r.eval_set is not None:
+            metrics = evaluate(stage, r.trainable.model, r.eval_set, layout)
+            if start == 0:  # a resumed run already logged its last step
+                logger.log(start, metrics, show=stage.show)
+            last.update(metrics)
+
+    output = cfg.output or os.path.join(cfg.run_dir, "model")
+    save_model_dir(output, layout, r.model, r.tokenizer_dir,
+                   source=f"{stage.name} training, step {last['step']}, init {os.path.abspath(cfg.init)}")
+    shown = [k for k in stage.summary if k in last] or [k for k in stage.show if k in last]
+    logger.print(f"{stage.name}: step {last['step']} " + " ".join(f"{k} {last[k]:.4g}" for k in shown)
+                 + f" -> {output}")
+    logger.close()
+    return last
