@@ -251,6 +251,8 @@ def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_length
             settings: SamplingSettings, generator) -> None:
     """The decode loop: fills ``tokens`` [b, width] and ``lengths`` [b] in place."""
     b, width = tokens.shape
+    arch = getattr(model, "arch", None)
+    vocab_size = arch.vocab_size if arch is not None else None
     eos = settings.eos_token_id
     done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
     context = StaticInferenceContext(max_batch_size=b, max_sequence_length=width)
@@ -264,7 +266,9 @@ def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_length
         start = t
 
         if link.last:
-            full_logits = tensor_parallel.gather_from_tensor_model_parallel_region(last_logits)  # [b, V]
+            full_logits = tensor_parallel.gather_from_tensor_model_parallel_region(last_logits)  # [b, V_pad]
+            # drop the padding (its size depends on tp) so the draw is the same for every layout
+            full_logits = full_logits[:, :vocab_size]
             next_tokens = sample_tokens(full_logits, settings, generator)  # [b]
         else:
             next_tokens = torch.empty(b, dtype=torch.long, device=tokens.device)

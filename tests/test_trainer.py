@@ -119,8 +119,8 @@ def test_engine_layouts_resume_and_algos(mini, tmp_path):
     # one GIL iteration at TP2 equals TP1: metrics and the updated weights
     m1, m2 = comparable(tp1["gil"][0]), comparable(tp2["gil"][0])
     assert m1.keys() == m2.keys()
-    mismatched = {k: (m1[k], m2[k]) for k in m1 if not isinstance(m1[k], (int, float)) or
-                  m1[k] != pytest.approx(m2[k], rel=1e-4, abs=1e-5)}
+    mismatched = {k: (m1[k], m2[k]) for k in m1 if m1[k] != m2[k] and (not isinstance(m1[k], (int, float)) or
+                  m1[k] != pytest.approx(m2[k], rel=1e-4, abs=1e-5))}
     assert not mismatched, mismatched
     w1, w2 = hf_weights(latest_actor(tmp_path / "tp1_gil")), hf_weights(latest_actor(tmp_path / "tp2_gil"))
     for name in w1:
