@@ -75,7 +75,7 @@ def resolve_resume(run_dir: str, resume: str) -> Optional[str]:
 
 
 def all_finite(models: Dict[str, torch.nn.Module]) -> bool:
-    ok = torch.tensor(1.0)
+    ok = torch.tensor(1.0, device=next(iter(models.values())).parameters().__next__().device)
     for model in models.values():
         for p in model.parameters():
             if not torch.isfinite(p.detach()).all():

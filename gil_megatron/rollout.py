@@ -134,6 +134,9 @@ def sample_tokens(logits: torch.Tensor, settings: SamplingSettings,
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
     probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # the generator lives on the CPU (its state is checkpointed and identical on every rank)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -45,6 +45,8 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
         self.layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+        # models and their inputs live on the device; the per-sample bookkeeping stays on the CPU
+        self.device = distributed.device()
         self.dp = cfg.check_world(dist.get_world_size())
         self.switches = AlgoSwitches.of(cfg.algo)
         m = cfg.models
@@ -108,7 +110,8 @@ class PPOTrainer:
     # ---- one iteration ---------------------------------------------------------------------
     def rollout(self):
         batch = self.loader.next_batch()
-        rollout = generate(self.actor, batch.input_ids, batch.lengths, self.sampling, self.generator)
+        rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device),
+                           self.sampling, self.generator)
         return batch, rollout
 
     def score(self, batch, rollout) -> Dict[str, torch.Tensor]:
@@ -125,6 +128,7 @@ class PPOTrainer:
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
                "group_logits": group_logits, "action_mask": rollout.response_mask[:, 1:].float(),
                "sequences": seqs, "lengths": lengths}
+        out = {k: v.cpu() for k, v in out.items()}
         if self.gold_fn is not None:
             out["gold"] = self.gold_fn.shared(prompts, responses)
         return out
@@ -170,7 +174,9 @@ class PPOTrainer:
         cfg = self.cfg
         mask = mini["action_mask"]
         mbs = cfg.ppo.micro_batch_size
-        microbatches = microbatches_of(mini["sequences"], mbs, **{k: v for k, v in mini.items() if k != "sequences"})
+        on_device = {k: v.to(self.device) for k, v in mini.items()}
+        microbatches = microbatches_of(on_device["sequences"], mbs,
+                                       **{k: v for k, v in on_device.items() if k != "sequences"})
         normalizer = _loss_normalizer(mask, cfg.ppo.loss_agg_mode)
         value_normalizer = _loss_normalizer(mask, "token_mean")
         dp = self.dp
@@ -314,11 +320,12 @@ class PPOTrainer:
             scores, golds, groups = [], [], []
             for batch in eval_batches(dataset, self.cfg.rollout.batch_size, pad_token_id=self.pad_id,
                                       dp_rank=self.layout.dp_rank, dp_size=self.dp):
-                rollout = generate(self.actor, batch.input_ids, batch.lengths, greedy, torch.Generator().manual_seed(0))
+                rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device), greedy,
+                                   torch.Generator().manual_seed(0))
                 prompts, responses = self._decode(rollout)
                 if self.reward_model is not None:
                     s = score_reward_model(self.reward_model, rollout.sequences, rollout.lengths,
-                                           self.cfg.rollout.micro_batch_size)
+                                           self.cfg.rollout.micro_batch_size).cpu()
                 else:
                     s = self.reward_fn.shared(prompts, responses)
                 valid = batch.valid
@@ -422,7 +429,8 @@ def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, t
     dp = dist.get_world_size(group)
     if dp == 1:
         return dict(local)
-    seq_len = torch.tensor([local["sequences"].shape[1]])
+    device = distributed.device()  # nccl collectives need device tensors
+    seq_len = torch.tensor([local["sequences"].shape[1]], device=device)
     dist.all_reduce(seq_len, op=dist.ReduceOp.MAX, group=group)
     s = int(seq_len)
     out = {}
@@ -431,9 +439,10 @@ def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, t
             width = s if name == "sequences" else s - 1
             fill = pad_id if name == "sequences" else 0
             t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+        t = t.to(device)
         parts = [torch.empty_like(t) for _ in range(dp)]
         dist.all_gather(parts, t.contiguous(), group=group)
-        out[name] = torch.stack(parts, dim=1).reshape(-1, *t.shape[1:])  # interleave rows
+        out[name] = torch.stack(parts, dim=1).reshape(-1, *t.shape[1:]).cpu()  # interleave rows
     return out
 
 

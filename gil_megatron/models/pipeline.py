@@ -71,7 +71,8 @@ def broadcast_from_last_stage(tensors: Optional[List[torch.Tensor]]) -> List[tor
     meta = [[(tuple(t.shape), t.dtype) for t in tensors] if tensors is not None else None]
     dist.broadcast_object_list(meta, src=src, group=group)
     if tensors is None:
-        tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in meta[0]]
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in meta[0]]
     for t in tensors:
         dist.broadcast(t, src=src, group=group)
     return tensors
