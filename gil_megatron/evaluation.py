@@ -40,7 +40,7 @@ from megatron.core import parallel_state
 from gil_megatron.algo.gil import assignment_agreement
 from gil_megatron.data import PromptDataset, eval_batches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
-from gil_megatron.rollout import RolloutBatch, SamplingSettings, generate
+from gil_megatron.rollout import RolloutBatch, SamplingSettings, decode_rollout, generate
 from gil_megatron.scoring import RewardFunction, microbatches_of, score_critic, score_reward_model
 
 SCORE_NAMES = ("gold", "reward_fn", "reward_model")  # in order of preference for the primary score
@@ -139,17 +139,6 @@ def sequence_kl(actor: torch.nn.Module, reference: torch.nn.Module, sequences: t
 # ---------------------------------------------------------------------------------------------
 # Generation and scoring
 # ---------------------------------------------------------------------------------------------
-
-
-def decode_rollout(tokenizer, rollout: RolloutBatch):
-    """Prompt and response text of every row (special tokens dropped): (prompts, responses)."""
-    prompts, responses = [], []
-    for row in range(rollout.sequences.shape[0]):
-        p_len, length = int(rollout.prompt_lengths[row]), int(rollout.lengths[row])
-        ids = rollout.sequences[row].tolist()
-        prompts.append(tokenizer.decode(ids[:p_len], skip_special_tokens=True))
-        responses.append(tokenizer.decode(ids[p_len:length], skip_special_tokens=True))
-    return prompts, responses
 
 
 def score_responses(actor: torch.nn.Module, rollout: RolloutBatch, prompts: List[str], responses: List[str],

@@ -289,3 +289,14 @@ def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_length
         done |= generated & stop
         if bool(done.all()):  # host sync; every rank holds the same tokens, so all ranks agree
             break
+
+
+def decode_rollout(tokenizer, rollout: RolloutBatch):
+    """Prompt and response text of every row (special tokens dropped): (prompts, responses)."""
+    prompts, responses = [], []
+    for row in range(rollout.sequences.shape[0]):
+        p_len, length = int(rollout.prompt_lengths[row]), int(rollout.lengths[row])
+        ids = rollout.sequences[row].tolist()
+        prompts.append(tokenizer.decode(ids[:p_len], skip_special_tokens=True))
+        responses.append(tokenizer.decode(ids[p_len:length], skip_special_tokens=True))
+    return prompts, responses

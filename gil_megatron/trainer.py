@@ -31,7 +31,7 @@ from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, res
 from gil_megatron.models.llama import score_at_last, split_critic_output
 from gil_megatron.models.weights import arch_of
 from gil_megatron.optim import Trainable
-from gil_megatron.rollout import SamplingSettings, generate
+from gil_megatron.rollout import SamplingSettings, decode_rollout, generate
 from gil_megatron.scoring import (
     RewardFunction, action_logprobs, microbatches_of, score_critic, score_logprobs, score_reward_model,
 )
@@ -120,7 +120,7 @@ class PPOTrainer:
         old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
         ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
         values, group_logits = score_critic(self.critic, seqs, lengths, mbs)
-        prompts, responses = self._decode(rollout)
+        prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
         else:
@@ -302,15 +302,6 @@ class PPOTrainer:
         names = self.known_group_names
         return names.index(group) if group in names else -1
 
-    def _decode(self, rollout):
-        prompts, responses = [], []
-        for row in range(rollout.sequences.shape[0]):
-            p_len, length = int(rollout.prompt_lengths[row]), int(rollout.lengths[row])
-            ids = rollout.sequences[row].tolist()
-            prompts.append(self.tokenizer.decode(ids[:p_len], skip_special_tokens=True))
-            responses.append(self.tokenizer.decode(ids[p_len:length], skip_special_tokens=True))
-        return prompts, responses
-
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
         """Greedy responses on each held-out set: reward (and gold), per known group and worst group."""
@@ -322,7 +313,7 @@ class PPOTrainer:
                                       dp_rank=self.layout.dp_rank, dp_size=self.dp):
                 rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device), greedy,
                                    torch.Generator().manual_seed(0))
-                prompts, responses = self._decode(rollout)
+                prompts, responses = decode_rollout(self.tokenizer, rollout)
                 if self.reward_model is not None:
                     s = score_reward_model(self.reward_model, rollout.sequences, rollout.lengths,
                                            self.cfg.rollout.micro_batch_size).cpu()
