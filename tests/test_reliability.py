@@ -63,6 +63,13 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
         "layers3": _fresh(dict(num_layers=3), "actor", bad / "layers3", tok),
         "critic3": _fresh(dict(num_groups=3), "critic", bad / "critic3", tok),
     }
+    # a checkpoint that claims a 70B architecture: the memory check must refuse it before loading
+    huge = bad / "huge"
+    huge.mkdir()
+    meta = json.load(open(mini / "actor" / "gil_megatron.json"))
+    meta["arch"].update(hidden_size=8192, intermediate_size=28672, num_layers=80, num_attention_heads=64,
+                        num_kv_heads=8, head_dim=128)
+    (huge / "gil_megatron.json").write_text(json.dumps(meta))
     other_layout = bad / "run_other" / "checkpoints" / "iter_0000001"
     other_layout.mkdir(parents=True)
     (other_layout / "trainer_state.json").write_text(json.dumps({"iteration": 1, "layout": {"tp": 1, "pp": 1, "dp": 2}}))
@@ -96,6 +103,7 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
         "head shape": (argv(**{"models.critic": models["critic3"]}), "shape of 'output_layer.score.weight'"),
         "resume other layout": (overrides(mini, bad / "run_other", **{"parallel.tp": 2, "checkpoint.resume": "auto"}),
                                 "resume with the same layout"),
+        "does not fit": (argv(**{"models.actor": str(huge)}), "do not fit: estimated"),
         "missing tokenizer": (argv(**{"models.tokenizer": str(bad / "nope_tok")}), "no tokenizer"),
         "reward fn import": (argv(**{"models.reward_model": "null", "models.reward_fn": "no_such_module:f"}),
                              "cannot import module 'no_such_module'"),
