@@ -40,9 +40,9 @@ if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   echo "$want" > $stamp
 fi
 # The extension: CUDA kernels too when this torch has CUDA and nvcc is there (it is on CI).
-if ! $VPY -c 'import gil_megatron._C' 2>/dev/null || [ -n "$(find csrc setup.py -newer .venv/.ext_built 2>/dev/null | head -n 1)" ] || [ ! -f .venv/.ext_built ]; then
+if ! $VPY -c 'import torch, gil_megatron._C' 2>/dev/null || [ -n "$(find csrc setup.py -newer .venv/.ext_built 2>/dev/null | head -n 1)" ] || [ ! -f .venv/.ext_built ]; then
   echo "[setup_env] building gil_megatron and its kernels (about 2 minutes on 2 cores)" >&2
   MAX_JOBS=${MAX_JOBS:-2} $VPY -m pip install -q --no-build-isolation --no-deps -e .
   touch .venv/.ext_built
 fi
-$VPY -c 'import gil_megatron._C, torch; print("[setup_env] ready: torch", torch.__version__, "kernel built")' >&2
+$VPY -c 'import torch, gil_megatron._C; print("[setup_env] ready: torch", torch.__version__, "kernel built")' >&2
