@@ -94,7 +94,7 @@ def _head_note(arch: LlamaArchConfig, role: str, reader: HFReader) -> str:
                 f"{reader.hf_dir} has no lm_head.weight and tie_word_embeddings is false: "
                 "it is not a causal LM; use --model-type reward or critic"
             )
-        return "actor: trunk and lm_head loaded"
+        return "actor: trunk and " + ("tied embedding / LM head" if arch.tie_word_embeddings else "lm_head") + " loaded"
     if not reader.has("score.weight"):
         return f"{role}: trunk loaded from a causal LM; the score head is freshly initialised"
     rows = _score_rows(reader)
