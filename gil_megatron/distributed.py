@@ -68,12 +68,9 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=_store_for_this_attempt(rank, world_size, timeout))
     if parallel_state.model_parallel_is_initialized():  # switching layouts in one process (tests)
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -82,6 +79,19 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
+
+
+def _store_for_this_attempt(rank: int, world_size: int, timeout):
+    """After a torchrun restart (--max-restarts) the rendezvous store still holds the keys of the
+    dead attempt's process groups, and megatron's new groups reuse their names: gloo then connects
+    to the dead workers' addresses. Every group of attempt N lives under its own key prefix."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None  # plain env:// rendezvous
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store, timeout=timeout)
+    return dist.PrefixStore(f"gil_megatron/attempt_{attempt}", store)
 
 
 def current_layout() -> ParallelLayout:

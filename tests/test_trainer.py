@@ -52,6 +52,13 @@ def overrides(mini, run_dir, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def launcher_overrides(mini, run_dir, **extra):
+    """For runs from examples/configs/miniature.yaml: its eval sets point at the tiny data too
+    (a YAML dict is merged key by key, so ``data.eval_prompts={}`` would not remove them)."""
+    sets = {f"data.eval_prompts.{name}": str(mini / "data" / f"prompts_{name}.jsonl") for name in ("eval", "ood")}
+    return [a for a in overrides(mini, run_dir, **sets, **extra) if not a.startswith("data.eval_prompts={")]
+
+
 def _train(yaml_path, argv):
     from gil_megatron.config import PPOConfig, load_config
     from gil_megatron.trainer import PPOTrainer
@@ -136,7 +143,7 @@ def test_engine_layouts_resume_and_algos(mini, tmp_path):
 def test_launch_script_end_to_end(mini, tmp_path):
     """The real launcher (torchrun, TP=2 under gloo) with a config file and dotted overrides."""
     run_dir = tmp_path / "e2e"
-    argv = overrides(mini, run_dir, **{"parallel.tp": 2, "train.iterations": 3})
+    argv = launcher_overrides(mini, run_dir, **{"parallel.tp": 2, "train.iterations": 3})
     env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "run_gil_ppo.sh"),
                            os.path.join(ROOT, "examples", "configs", "miniature.yaml"), *argv],
@@ -144,4 +151,5 @@ def test_launch_script_end_to_end(mini, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [m["iteration"] for m in lines] == [1, 2, 3]
+    assert "eval/ood/gold" in lines[-1]  # the YAML's held-out sets are evaluated at the end
     assert "gil: iteration 3" in proc.stdout
