@@ -165,3 +165,34 @@ def test_rank_killed_mid_run_and_during_save_resumes_exactly(mini, tmp_path):  #
     a = dict(hf_tensors_of_checkpoint(os.path.join(complete_checkpoints(str(clean))[-1], "actor")))
     b = dict(hf_tensors_of_checkpoint(os.path.join(ckpts[-1], "actor")))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _nan_gradient_step(actor_dir):
+    from gil_megatron import distributed
+    from gil_megatron.models.build import model_from_checkpoint
+    from gil_megatron.optim import OptimSettings, Trainable
+
+    layout = distributed.initialize(2, 1, seed=0)
+    model = model_from_checkpoint(actor_dir, "actor", layout)
+    trainable = Trainable(model, OptimSettings(lr=1e-2))
+    before = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
+    ids = torch.randint(0, 24, (2, 8))
+
+    def loss_fn(batch, logits):
+        return logits[..., :24].float().clamp(min=-1e4).mean(), {}  # rank 1's shard is all padding
+
+    trainable.forward_backward([{"input_ids": ids}], loss_fn)
+    if layout.tp_rank == 1:  # one rank's accumulated gradient goes bad
+        next(p for p in model.parameters() if getattr(p, "main_grad", None) is not None).main_grad[0] = float("nan")
+    updated, norm = trainable.step()
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    trainable.forward_backward([{"input_ids": ids}], loss_fn)
+    updated_after, _ = trainable.step()
+    return updated, norm, unchanged, updated_after
+
+
+def test_non_finite_gradient_on_one_rank_skips_the_update_everywhere(mini):  # noqa: F811
+    results = spawn(_nan_gradient_step, 2, str(mini / "actor"))
+    for updated, norm, unchanged, updated_after in results:
+        assert not updated and norm != norm and unchanged  # skipped on both ranks, weights untouched
+        assert updated_after  # the next finite step goes through
