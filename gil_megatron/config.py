@@ -18,8 +18,6 @@ from gil_megatron.optim import OptimSettings
 
 T = TypeVar("T")
 
-ALGOS = ("ppo", "ppo_no_kl", "gil", "gil_no_adaptive_kl", "gil_no_invariance")
-
 
 class ConfigError(ValueError):
     pass
@@ -153,27 +151,70 @@ class PPOSettings:
 
 @dataclass
 class GILSettings:
+    """Group Invariant Learning (docs/design.md, "The method as built"). Defaults are v2;
+    ``algo: gil_v1`` fixes the v1 values (response groups, whitened score, unweighted variance,
+    beta_policy 1, weights only clamped at 0, min_group_mass 0.1)."""
+
     num_groups: int = 2
     """M, the number of latent groups (the critic's group head has M outputs)."""
-    beta_policy: float = 1.0
-    """Weight of the group-invariant term in the policy loss."""
+    group_level: str = "prompt"
+    """prompt (the head reads the critic trunk at the last prompt token: every response to one
+    prompt shares q) | response (v1: the last response token)."""
+    performance: str = "prompt_value"
+    """G_i: prompt_value (critic's value at the last prompt token, whitened) | whitened_score (the
+    reward, whitened; v1) | mc_return (task-reward return, whitened) | surrogate (sum_t log pi_old * R_t)."""
+    variance: str = "mass_weighted"
+    """mass_weighted (sum_g pi_g (R_g - Rbar)^2: no tiny-group optimum) | unweighted (v1, paper-literal)."""
+    inference: str = "head"
+    """head (the critic's group head ascends the variance) | exact (each batch's variance-maximising
+    hard split is the head's cross-entropy target) | known (the data's `group` field: a diagnostic
+    oracle, never a default)."""
+    known_groups: Dict[str, int] = field(default_factory=dict)
+    """For inference=known: the data's `group` value -> group id in [0, num_groups) (e.g. {copy: 0,
+    sort: 1}); empty = the data's group names in sorted order (their count must be num_groups)."""
+    beta_policy: float = 0.25
+    """Weight of the group-invariant term in the policy loss. 0.25 by rule: weights {0.6, 1.4} at a
+    median split of a standard-normal G."""
     beta_critic: float = 1.0
-    """Weight of -R_var in the critic loss (gradient ascent on the variance; 1 in the paper)."""
-    min_group_mass: float = 0.1
-    """Anti-collapse: hinge penalty when a group's batch-mean assignment falls below this."""
+    """Weight of -V(phi) (or of the label cross-entropy) in the critic loss (1 in the paper)."""
+    weight_min: Optional[float] = 0.0
+    """Lower clip of the invariance weights (null = none). Below 0 a weight un-learns good responses."""
+    weight_max: Optional[float] = 2.0
+    """Upper clip of the invariance weights (null = none): no sample gets more than this share."""
+    min_group_mass: Optional[float] = None
+    """Anti-collapse hinge on a group's batch-mean mass; null = 0 under mass_weighted (not needed),
+    0.1 under unweighted."""
     mass_penalty_coef: float = 1.0
     entropy_coef: float = 0.0
     """Anti-collapse: bonus on the entropy of the batch-mean assignment."""
-    performance: str = "whitened_score"
-    """whitened_score (reward-model score whitened over the batch) | mc_return"""
+    adaptive_kl_normalize: bool = False
+    """Use eta * p_high_i / mean_i(p_high_i): the batch's mean KL coefficient equals PPO's eta
+    (for KL-matched comparisons)."""
     detach_trunk: bool = False
     """Stop the group head's gradient at the critic trunk."""
 
     def validate(self):
+        from gil_megatron.algo.gil import PERFORMANCE_MODES, VARIANCES
+
         _require(self.num_groups >= 2, f"gil.num_groups={self.num_groups} must be >= 2")
-        _require(self.performance in ("whitened_score", "mc_return"),
-                 f"gil.performance={self.performance!r}; valid: whitened_score, mc_return")
-        _require(0 <= self.min_group_mass < 1.0 / self.num_groups,
+        _require(self.group_level in ("prompt", "response"),
+                 f"gil.group_level={self.group_level!r}; valid: prompt, response")
+        _require(self.performance in PERFORMANCE_MODES,
+                 f"gil.performance={self.performance!r}; valid: {', '.join(PERFORMANCE_MODES)}")
+        _require(self.variance in VARIANCES, f"gil.variance={self.variance!r}; valid: {', '.join(VARIANCES)}")
+        _require(self.inference in ("head", "exact", "known"),
+                 f"gil.inference={self.inference!r}; valid: head, exact, known")
+        _require(not (self.inference == "exact" and self.variance == "unweighted" and self.num_groups > 2),
+                 "gil.inference=exact with gil.variance=unweighted supports gil.num_groups=2 only; "
+                 "use gil.variance=mass_weighted")
+        _require(all(0 <= g < self.num_groups for g in self.known_groups.values()),
+                 f"gil.known_groups={dict(self.known_groups)}: every id must be in [0, gil.num_groups={self.num_groups})")
+        _require(self.beta_policy >= 0 and self.beta_critic >= 0,
+                 f"gil.beta_policy={self.beta_policy} and gil.beta_critic={self.beta_critic} must be >= 0")
+        _require(self.weight_min is None or self.weight_max is None or self.weight_min <= 1 <= self.weight_max,
+                 f"gil.weight_min={self.weight_min}, gil.weight_max={self.weight_max}: the range must contain 1 "
+                 "(the PPO weight)")
+        _require(self.min_group_mass is None or 0 <= self.min_group_mass < 1.0 / self.num_groups,
                  f"gil.min_group_mass={self.min_group_mass} must be in [0, 1/num_groups)")
 
 
@@ -218,7 +259,8 @@ class PPOConfig:
     run_dir: str = "runs/gil_ppo"
     seed: int = 1234
     algo: str = "gil"
-    """ppo | ppo_no_kl | gil | gil_no_adaptive_kl | gil_no_invariance"""
+    """An entry of the objective registry (gil_megatron/objectives.py; `python -m
+    gil_megatron.objectives` lists them): ppo, ppo_no_kl, gil, gil_v1, the GIL ablations, ..."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,7 +274,9 @@ class PPOConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self):
-        _require(self.algo in ALGOS, f"algo={self.algo!r}; valid: {', '.join(ALGOS)}")
+        from gil_megatron.objectives import ALGORITHMS
+
+        _require(self.algo in ALGORITHMS, f"algo={self.algo!r}; valid: {', '.join(ALGORITHMS)}")
         _require(self.rollout.batch_size % self.ppo.mini_batch_size == 0,
                  f"ppo.mini_batch_size={self.ppo.mini_batch_size} must divide rollout.batch_size={self.rollout.batch_size}")
 
@@ -250,10 +294,6 @@ class PPOConfig:
                  f"ppo.micro_batch_size={self.ppo.micro_batch_size} must divide the per-rank mini-batch "
                  f"ppo.mini_batch_size/dp = {self.ppo.mini_batch_size}/{dp}")
         return dp
-
-    @property
-    def uses_group_head(self) -> bool:
-        return self.algo in ("gil", "gil_no_adaptive_kl", "gil_no_invariance")
 
 
 def load_config(schema: Type[T], yaml_path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:

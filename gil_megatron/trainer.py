@@ -22,10 +22,11 @@ from megatron.core import parallel_state
 
 from gil_megatron import checkpoint as ckpt
 from gil_megatron import distributed, faults, memory
+from gil_megatron import objectives
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
 from gil_megatron.data import DataLoader, eval_batches, load_prompts, pad_token_id
-from gil_megatron.experience import AlgoSwitches, make_experience
+from gil_megatron.experience import make_experience
 from gil_megatron.logging import MetricsLogger
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.llama import score_at_last, split_critic_output
@@ -48,7 +49,8 @@ class PPOTrainer:
         # models and their inputs live on the device; the per-sample bookkeeping stays on the CPU
         self.device = distributed.device()
         self.dp = cfg.check_world(dist.get_world_size())
-        self.switches = AlgoSwitches.of(cfg.algo)
+        self.algo = objectives.get_algorithm(cfg.algo)
+        self.params = objectives.params_from_config(cfg)
         m = cfg.models
         dtype = resolve_dtype(m.dtype)
         self._check_memory(dtype)
@@ -119,7 +121,9 @@ class PPOTrainer:
         seqs, lengths = rollout.sequences, rollout.lengths
         old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
         ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
-        values, group_logits = score_critic(self.critic, seqs, lengths, mbs)
+        # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
+        head_lengths = rollout.prompt_lengths if self.params.group_level == "prompt" else lengths
+        values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
@@ -127,7 +131,7 @@ class PPOTrainer:
             scores = self.reward_fn.shared(prompts, responses)
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
                "group_logits": group_logits, "action_mask": rollout.response_mask[:, 1:].float(),
-               "sequences": seqs, "lengths": lengths}
+               "sequences": seqs, "lengths": lengths, "head_lengths": head_lengths}
         out = {k: v.cpu() for k, v in out.items()}
         if self.gold_fn is not None:
             out["gold"] = self.gold_fn.shared(prompts, responses)
@@ -145,11 +149,9 @@ class PPOTrainer:
             scores = ppo.normalize_and_clip_rewards(raw, self.reward_moments, self.cfg.ppo.reward_clip)
         elif self.cfg.ppo.reward_clip is not None:
             scores = raw.clamp(-self.cfg.ppo.reward_clip, self.cfg.ppo.reward_clip)
-        exp = make_experience(
-            scores=scores, raw_scores=raw, old_logprobs=full["old_logprobs"], ref_logprobs=full["ref_logprobs"],
-            values=full["values"], action_mask=full["action_mask"], group_logits=full["group_logits"],
-            switches=self.switches, ppo_cfg=self.cfg.ppo, gil_cfg=self.cfg.gil, kl_coef=self.kl_ctl.value)
-        full.update(exp)
+        full["raw_scores"], full["scores"] = raw, scores
+        shuffle = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.iteration)
+        full.update(make_experience(full, self.algo, self.params, eta=self.kl_ctl.value, generator=shuffle))
         return full
 
     def update(self, full: Dict[str, torch.Tensor]) -> List[Dict[str, float]]:
@@ -171,52 +173,32 @@ class PPOTrainer:
         return step_metrics
 
     def _train_minibatch(self, mini: Dict[str, torch.Tensor], group_scale: float) -> Dict[str, float]:
-        cfg = self.cfg
-        mask = mini["action_mask"]
-        mbs = cfg.ppo.micro_batch_size
+        mbs = self.cfg.ppo.micro_batch_size
         on_device = {k: v.to(self.device) for k, v in mini.items()}
         microbatches = microbatches_of(on_device["sequences"], mbs,
                                        **{k: v for k, v in on_device.items() if k != "sequences"})
-        normalizer = _loss_normalizer(mask, cfg.ppo.loss_agg_mode)
+        mask = mini["action_mask"]
+        normalizer = _loss_normalizer(mask, self.params.loss_agg_mode)
         value_normalizer = _loss_normalizer(mask, "token_mean")
-        dp = self.dp
+        params, infer_groups = self.params, self.algo.group_inference
 
         def critic_loss(mb, out):
             values, group_logits = split_critic_output(out.float())
-            v_loss, metrics = ppo.value_loss(values[:, :-1], mb["values"], mb["returns"], mb["action_mask"],
-                                             cfg.ppo.value_clip, mode="token_mean", normalizer=value_normalizer)
-            loss = cfg.ppo.vf_coef * v_loss
-            metrics["value/loss"] = v_loss.detach()
-            if "group_coeffs" in mb:
-                q = torch.softmax(score_at_last(group_logits, mb["lengths"]), dim=-1)
-                # DDP averages gradients over DP ranks, and each step sees 1/group_scale of the batch
-                loss = loss + (mb["group_coeffs"] * q).sum() * dp * group_scale
-            return loss, metrics
+            q = torch.softmax(score_at_last(group_logits, mb["head_lengths"]), dim=-1) if infer_groups else None
+            # DDP averages gradients over DP ranks, and each step sees 1/group_scale of the batch
+            return objectives.critic_loss(mb, values[:, :-1], q, params, value_normalizer,
+                                          group_scale=self.dp * group_scale)
 
         def actor_loss(mb, logits):
             logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
-            weights = mb["sample_weights"] if self.switches.invariance else None
-            loss, metrics = gil.gil_policy_loss(
-                logprobs, mb["old_logprobs"], mb["advantages"], mb["action_mask"], weights,
-                clip_eps=cfg.ppo.clip_eps, clip_ratio_c=cfg.ppo.clip_ratio_c, loss_agg_mode=cfg.ppo.loss_agg_mode,
-                normalizer=normalizer)
-            ent = ppo.aggregate_loss(entropy, mb["action_mask"], cfg.ppo.loss_agg_mode, normalizer)
-            if cfg.ppo.entropy_coef:
-                loss = loss - cfg.ppo.entropy_coef * ent
-            if cfg.ppo.kl_in == "loss" and self.switches.kl_penalty:
-                kl_term = ppo.kl_loss(logprobs, mb["ref_logprobs"], mb["action_mask"], cfg.ppo.kl_estimator,
-                                      cfg.ppo.loss_agg_mode, normalizer)
-                loss = loss + self.kl_ctl.value * kl_term
-            metrics = {k: v.detach() for k, v in metrics.items()}
-            metrics["policy/loss"] = loss.detach()
-            metrics["policy/entropy"] = ent.detach()
-            return loss, metrics
+            return objectives.actor_loss(mb, logprobs, entropy, params, normalizer)
 
         c_metrics = self.critic_train.forward_backward(microbatches, critic_loss)
         c_ok, c_norm = self.critic_train.step()
         a_metrics = self.actor_train.forward_backward(microbatches, actor_loss)
         a_ok, a_norm = self.actor_train.step()
-        metrics = reduce_microbatch_metrics(c_metrics + a_metrics, sum_keys=("value/loss", "policy/loss"))
+        metrics = reduce_microbatch_metrics(c_metrics + a_metrics,
+                                            sum_keys=("value/loss", "policy/loss", "policy/kl_loss"))
         metrics.update({"value/grad_norm": c_norm, "policy/grad_norm": a_norm, "policy/lr": self.actor_train.lr(),
                         "skipped_updates": float((not c_ok) + (not a_ok))})
         return metrics
@@ -228,6 +210,7 @@ class PPOTrainer:
         t_gen = time.perf_counter()
         local = self.score(batch, rollout)
         local["known_group"] = torch.tensor([self._known_group_id(g) for g in batch.groups])
+        local["oracle_group"] = torch.tensor([self._oracle_group_id(g) for g in batch.groups])
         t_score = time.perf_counter()
         full = self.experience(local)
         steps = self.update(full)
@@ -240,7 +223,7 @@ class PPOTrainer:
             "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/train_s": t_train - t_score,
             "time/step_s": t_train - t0,
         })
-        if self.switches.kl_penalty:
+        if self.algo.kl_penalty:
             self.kl_ctl.update(metrics["kl/mean"], cfg.rollout.batch_size)
         return metrics
 
@@ -265,10 +248,13 @@ class PPOTrainer:
             per_sample["gold"] = full["gold"]
         if "group_probs" in full:
             q = full["group_probs"]
-            m.update(gil.group_metrics(q, per_sample, perf=full["perf"]))
+            m.update(gil.group_metrics(q, per_sample, perf=full["perf"], variance=self.params.variance))
             m["reward/worst_group"] = min(m[f"group/{g}/reward"] for g in range(q.shape[1]))
-            m["gil/weight_min"] = full["sample_weights"].min()
-            m["gil/weight_zero_frac"] = (full["sample_weights"] <= 0).float().mean()
+            w = full["sample_weights"]
+            m.update({"gil/weight_min": w.min(), "gil/weight_max": w.max(), "gil/weight_mean": w.mean(),
+                      "gil/weight_zero_frac": (w <= 0).float().mean()})
+            if "weight_clip_frac" in full:
+                m["gil/weight_clip_frac"] = full["weight_clip_frac"]
             high = int(m["gil/high_group"])
             if self.prev_high_group is not None and high != self.prev_high_group:
                 self.high_group_flips += 1
@@ -284,6 +270,7 @@ class PPOTrainer:
                         m[f"known/{name}/{key}"] = x[sel].mean()
             if "group_probs" in full and (known >= 0).all():
                 m["gil/known_agreement"] = gil.assignment_agreement(full["group_probs"], known, len(names))
+                m["gil/known_majority_share"] = gil.majority_share(known, len(names))
             worst_key = "gold" if "gold" in per_sample else "reward"
             m[f"known/worst_{worst_key}"] = min(m[f"known/{n}/{worst_key}"] for n in names
                                                 if f"known/{n}/{worst_key}" in m)
@@ -297,6 +284,11 @@ class PPOTrainer:
         if not hasattr(self, "_known_names"):
             self._known_names = self.loader.dataset.group_names()
         return self._known_names
+
+    def _oracle_group_id(self, group: Optional[str]) -> int:
+        """gil.known_groups' id of a prompt's `group` (gil.inference=known), -1 when unmapped."""
+        mapping = self.cfg.gil.known_groups or {name: i for i, name in enumerate(self.known_group_names)}
+        return mapping.get(group, -1)
 
     def _known_group_id(self, group: Optional[str]) -> int:
         names = self.known_group_names

@@ -2,8 +2,8 @@
 
 Zheng et al., "Improving Generalization of Alignment with Human Preferences through Group
 Invariant Learning", ICLR 2024, arXiv 2310.11971. The paper has three parts; each maps to a
-section below, and DESIGN.md section 4 fixes our reading of it (decisions are marked there and in
-the docstrings):
+section below, and docs/design.md ("The method as built") fixes our reading of it (decisions are
+marked there and in the docstrings):
 
     1. group label inference   a classifier p_phi(g | x, y) on the critic trunk is trained to
                                MAXIMISE the variance of performance across the groups it induces
@@ -17,12 +17,21 @@ the docstrings):
 
 Notation (one rollout batch): N sequences i, M groups g (default 2).
 
-    q_ig  = p_phi(g | x_i, y_i)                        group_probs [N, M], rows sum to 1
+    q_ig  = p_phi(g | x_i)   (group_level=prompt)      group_probs [N, M], rows sum to 1
+          = p_phi(g | x_i, y_i)   (group_level=response, v1)
     G_i   = performance of sequence i (detached)       perf [N]
     S_g   = sum_i q_ig                                 soft group size
+    pi_g  = S_g / N                                    group mass
     R_g   = sum_i q_ig G_i / (S_g + eps)               soft group mean performance
-    Rbar  = (1/M) sum_g R_g
-    R_var = (1/M) sum_g (R_g - Rbar)^2                 for M = 2: (R_1 - R_2)^2 / 4
+
+    variance="mass_weighted" (v2 default; Fisher/Otsu between-group variance)
+        Rbar = sum_g pi_g R_g  (= mean_i G_i),   V = sum_g pi_g (R_g - Rbar)^2
+    variance="unweighted" (v1, paper-literal)
+        Rbar = (1/M) sum_g R_g,                  V = (1/M) sum_g (R_g - Rbar)^2
+
+The unweighted variance rewards a tiny extreme group (its gradient in q carries 1/S_g), so a head
+trained on it isolates outliers; the mass-weighted one has dV/dq_ig = ((G_i - Rbar)^2 -
+(G_i - R_g)^2) / N, no 1/S_g, and its ascent is soft 1-D k-means.
 
 Everything here is math on local tensors: sums over i that must span data-parallel ranks are
 exposed separately (``group_sums``) so the trainer can all-reduce them and then call
@@ -49,45 +58,57 @@ Index = Union[int, torch.Tensor]
 # Performance and group statistics
 # ---------------------------------------------------------------------------------------------
 
-PERFORMANCE_MODES = ("whitened_score", "mc_return")
+PERFORMANCE_MODES = ("prompt_value", "whitened_score", "mc_return", "surrogate")
 
 
 def performance(
+    mode: str = "prompt_value",
+    *,
+    prompt_values: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
-    response_mask: Optional[torch.Tensor] = None,
     returns: Optional[torch.Tensor] = None,
-    mode: str = "whitened_score",
+    old_logprobs: Optional[torch.Tensor] = None,
+    response_mask: Optional[torch.Tensor] = None,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Per-sample performance G_i [N], detached (DESIGN.md §4, decision).
+    """Per-sample performance G_i [N], detached, over the WHOLE rollout batch (decision).
 
-    mode="whitened_score" (default): G_i = (r_psi(x_i, y_i) - mean) / std over the rollout batch,
-        scores [N]. Pass the scores of the whole rollout batch (all-gathered over data-parallel
-        ranks: N scalars). Whitening is affine-invariant, so it does not matter whether the scores
-        were already normalised by RunningMoments (up to clipping).
-    mode="mc_return": G_i = the Monte-Carlo return of the response, read at its first response
-        token from ``returns`` [N, T] (response_mask [N, T] required), then whitened over the batch
-        like the score so that beta_policy / beta_critic keep the same scale in both modes. Build
-        ``returns`` from the TASK reward only, e.g.
-            r = compute_token_rewards(scores, kl, 0.0, mask); _, returns = compute_gae(r, 0 * r, mask, gamma, 1.0)
+    mode="prompt_value" (default): the critic's estimated return at the last prompt token,
+        V_psi(x_i) (``prompt_values`` [N]), whitened over the batch. The paper's classifier splits
+        the returns the critic estimates; reading them at the prompt makes G a property of the
+        prompt, not of one sampled response.
+    mode="whitened_score" (v1): the reward score r(x_i, y_i) (``scores`` [N]), whitened.
+    mode="mc_return": the task-reward return at the first response token (``returns`` [N, T] built
+        from the task reward only, ``response_mask`` [N, T]), whitened.
+    mode="surrogate": the slides' literal sum_t log pi_old(a_t | s_t) * R_t over the response
+        (``old_logprobs``, ``returns`` = GAE returns of the task reward, ``response_mask``; [N, T]);
+        not whitened.
 
-    G never includes the adaptive-KL term: that term is eta * p_high_i * KL, and p_high_i is
-    defined through g_high = argmax_g R_g, i.e. through G itself — including it would make the
-    groups a function of their own KL penalty (circular), and the penalty (largest on the high
-    group) would shrink exactly the gap that group inference is meant to find. G measures how well
-    the policy does on the task, not how far it moved from the reference.
+    Whitening keeps beta_policy / beta_critic on one scale across modes and makes G invariant to
+    the reward's offset and scale. G never includes the adaptive-KL term: that term is
+    eta * p_high_i * KL with p_high defined through G itself (circular), and the penalty, largest on
+    the high group, would shrink exactly the gap group inference is meant to find.
     """
-    if mode == "whitened_score":
-        if scores is None:
-            raise ValueError("performance(mode='whitened_score') needs scores [N]")
+    def need(**tensors):
+        missing = [k for k, v in tensors.items() if v is None]
+        if missing:
+            raise ValueError(f"performance(mode={mode!r}) needs {', '.join(missing)}")
+
+    if mode == "prompt_value":
+        need(prompt_values=prompt_values)
+        raw = prompt_values
+    elif mode == "whitened_score":
+        need(scores=scores)
         raw = scores
     elif mode == "mc_return":
-        if returns is None or response_mask is None:
-            raise ValueError("performance(mode='mc_return') needs returns [N, T] and response_mask [N, T]")
+        need(returns=returns, response_mask=response_mask)
         first = (response_mask != 0).to(torch.long).argmax(dim=-1)  # [N] first response token
         raw = returns.gather(-1, first[:, None]).squeeze(-1)
+    elif mode == "surrogate":
+        need(old_logprobs=old_logprobs, returns=returns, response_mask=response_mask)
+        return (old_logprobs * returns * response_mask).sum(dim=-1).detach()
     else:
-        raise ValueError(f"unknown performance mode {mode!r}; valid: {sorted(PERFORMANCE_MODES)}")
+        raise ValueError(f"unknown performance mode {mode!r}; valid: {', '.join(PERFORMANCE_MODES)}")
     raw = raw.detach()
     return masked_whiten(raw, torch.ones_like(raw), shift_mean=True, eps=eps)
 
@@ -114,10 +135,89 @@ def group_means(q: torch.Tensor, perf: torch.Tensor, eps: float = 1e-6) -> torch
     return group_means_from_sums(*group_sums(q, perf), eps=eps)
 
 
+VARIANCES = ("mass_weighted", "unweighted")
+
+
 def group_variance(means: torch.Tensor) -> torch.Tensor:
-    """Population variance across groups: R_var = (1/M) sum_g (R_g - mean_g R_g)^2.
+    """Unweighted (v1) variance across groups: (1/M) sum_g (R_g - mean_g R_g)^2.
     means [M] -> 0-dim. For M = 2 it equals (R_1 - R_2)^2 / 4."""
     return (means - means.mean()).square().mean()
+
+
+def centred_group_means(q: torch.Tensor, perf: torch.Tensor, variance: str = "mass_weighted",
+                        eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pi [M], R [M], R - Rbar [M]) with Rbar as ``variance`` defines it (see the module notation)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    mass, weighted = group_sums(q, perf)
+    means = group_means_from_sums(mass, weighted, eps)
+    pi = mass / q.shape[0]
+    rbar = (pi * means).sum() if variance == "mass_weighted" else means.mean()
+    return pi, means, means - rbar
+
+
+def between_group_variance(q: torch.Tensor, perf: torch.Tensor, variance: str = "mass_weighted",
+                           eps: float = 1e-6) -> torch.Tensor:
+    """V(q) over the batch: mass_weighted sum_g pi_g (R_g - Rbar)^2 (M = 2: pi_1 pi_2 (R_1 - R_2)^2)
+    or unweighted (1/M) sum_g (R_g - Rbar)^2. q [N, M] (differentiable), perf [N] -> 0-dim."""
+    pi, _, centred = centred_group_means(q, perf, variance, eps)
+    if variance == "mass_weighted":
+        return (pi * centred.square()).sum()
+    return centred.square().mean()
+
+
+def exact_group_labels(perf: torch.Tensor, num_groups: int, variance: str = "mass_weighted") -> torch.Tensor:
+    """The hard split of the batch that maximises V (gil.inference=exact): labels [N] long.
+
+    Groups are intervals of sorted G (true for both variances' optimum). M = 2: Otsu's threshold,
+    every cut of the sorted G tried. M > 2 (mass_weighted only): 1-D k-means, exact by dynamic
+    programming over cuts (maximising the between-group variance = minimising the within-group sum
+    of squares). Label 0 is the lowest-performing group.
+    """
+    perf = perf.detach().to(torch.float64)
+    n = perf.shape[0]
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
+    if num_groups > n:
+        raise ValueError(f"cannot split {n} samples into {num_groups} groups")
+    order = torch.argsort(perf, stable=True)
+    g = perf[order]
+    prefix = torch.cat([g.new_zeros(1), g.cumsum(0)])
+    prefix_sq = torch.cat([g.new_zeros(1), g.square().cumsum(0)])
+    labels_sorted = torch.zeros(n, dtype=torch.long)
+    if num_groups == 2:
+        k = torch.arange(1, n, dtype=torch.float64)  # size of the low group
+        low, high = prefix[1:n] / k, (prefix[n] - prefix[1:n]) / (n - k)
+        delta2 = (high - low).square()
+        score = (k / n) * ((n - k) / n) * delta2 if variance == "mass_weighted" else delta2 / 4.0
+        cut = int(torch.argmax(score)) + 1
+        labels_sorted[cut:] = 1
+    else:
+        if variance != "mass_weighted":
+            raise ValueError("exact group labels for num_groups > 2 need variance='mass_weighted'")
+
+        def sse(i: int, j: int) -> float:  # within-group sum of squares of sorted g[i:j]
+            s, s2 = prefix[j] - prefix[i], prefix_sq[j] - prefix_sq[i]
+            return float(s2 - s * s / (j - i))
+
+        inf = float("inf")
+        cost = [[inf] * (n + 1) for _ in range(num_groups + 1)]
+        back = [[0] * (n + 1) for _ in range(num_groups + 1)]
+        cost[0][0] = 0.0
+        for m in range(1, num_groups + 1):
+            for j in range(m, n + 1):
+                for i in range(m - 1, j):
+                    c = cost[m - 1][i] + sse(i, j)
+                    if c < cost[m][j]:
+                        cost[m][j], back[m][j] = c, i
+        j = n
+        for m in range(num_groups, 0, -1):
+            i = back[m][j]
+            labels_sorted[i:j] = m - 1
+            j = i
+    labels = torch.empty_like(labels_sorted)
+    labels[order] = labels_sorted
+    return labels
 
 
 def high_group(means: torch.Tensor) -> torch.Tensor:
@@ -131,11 +231,17 @@ def p_high(group_probs: torch.Tensor, g_high: Index) -> torch.Tensor:
     return group_probs.detach().gather(1, index.expand(group_probs.shape[0], 1)).squeeze(1)
 
 
-def adaptive_kl_coef(eta: float, p_high: torch.Tensor) -> torch.Tensor:
+def adaptive_kl_coef(eta: float, p_high: torch.Tensor, normalize: bool = False, eps: float = 1e-8) -> torch.Tensor:
     """Adaptive KL penalty (arXiv 2310.11971): per-sample coefficient kl_coef_i = eta * p_high,i,
     detached, [N]. Feed it to ``ppo.compute_token_rewards`` as kl_coef. With the group head off pass
-    p_high = ones(N): plain PPO with a fixed KL coefficient eta; eta = 0: no KL term."""
-    return eta * p_high.detach()
+    p_high = ones(N): plain PPO with a fixed KL coefficient eta; eta = 0: no KL term.
+
+    normalize=True: eta * p_high,i / mean_i p_high,i, so the batch's mean coefficient equals PPO's
+    eta (KL-matched comparisons): p = [1, 1, 0, 0], eta = 0.1 -> [0.2, 0.2, 0, 0]."""
+    p = p_high.detach()
+    if normalize:
+        p = p / p.mean().clamp_min(eps)
+    return eta * p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,20 +261,22 @@ def group_inference_loss(
     min_group_mass: float = 0.0,
     mass_penalty_coef: float = 1.0,
     entropy_coef: float = 0.0,
+    variance: str = "mass_weighted",
     eps: float = 1e-6,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """The term ADDED to the critic's value loss: gradient ascent on R_var(phi) plus collapse guards.
+    """The term ADDED to the critic's value loss: gradient ascent on V(phi) plus collapse guards.
 
         qbar_g = (1/N) sum_i q_ig                               batch-mean assignment
-        loss   = beta_critic * ( - R_var(phi)
+        loss   = beta_critic * ( - V(phi)                       (``variance``: see the notation)
                                  + mass_penalty_coef * sum_g max(0, min_group_mass - qbar_g)
                                  - entropy_coef * H(qbar) )
 
     group_probs [N, M] = p_phi(g | x_i, y_i) (carries the gradient to phi); perf [N] (detached
     here). beta_critic = 1 in the paper.
 
-    Decision (DESIGN.md §4, collapse guards): maximising R_var alone is solved by isolating a few
-    outliers in a tiny group (a group of one extreme sample has a large |R_g - Rbar|). The hinge
+    Decision (collapse guards): maximising the UNWEIGHTED variance is solved by isolating a few
+    outliers in a tiny group (a group of one extreme sample has a large |R_g - Rbar|); the
+    mass-weighted variance has no such optimum and needs no guard (min_group_mass 0). The hinge
     keeps every group's batch-mean mass above ``min_group_mass``; the entropy of the batch-mean
     assignment (not of each q_i, which should become confident) pushes towards balanced groups.
     Both default to off, and both sit INSIDE the beta_critic factor: beta_critic = 0 switches group
@@ -179,7 +287,7 @@ def group_inference_loss(
     gil/head_assign_entropy, gil/head_sample_entropy).
     """
     perf = perf.detach()
-    r_var = group_variance(group_means(group_probs, perf, eps))
+    r_var = between_group_variance(group_probs, perf, variance, eps)
     qbar = group_probs.mean(dim=0)  # [M]
     mass_penalty = torch.relu(min_group_mass - qbar).sum()
     assign_entropy = _entropy(qbar)
@@ -194,6 +302,14 @@ def group_inference_loss(
     return loss, metrics
 
 
+def group_label_loss(group_probs: torch.Tensor, labels: torch.Tensor, beta_critic: float) -> Tuple[torch.Tensor, Metrics]:
+    """Cross-entropy of the group head against given hard labels (gil.inference = exact | known):
+    beta_critic * mean_i -log q_{i, label_i}. group_probs [N, M], labels [N] long."""
+    picked = group_probs.gather(1, labels[:, None].long()).squeeze(1)
+    loss = -beta_critic * picked.clamp_min(1e-12).log().mean()
+    return loss, {"gil/head_label_nll": loss.detach() / max(beta_critic, 1e-12)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Group invariant policy (policy side, trains theta)
 # ---------------------------------------------------------------------------------------------
@@ -204,73 +320,74 @@ def group_invariant_policy_loss(
     group_probs: torch.Tensor,
     perf: torch.Tensor,
     beta_policy: float,
+    variance: str = "mass_weighted",
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """The group-invariant policy term L_var(theta) (DESIGN.md §4, decision; the definition):
+    """The group-invariant policy term L_var(theta) (the definition; decision):
 
-        S_g(theta) = sum_i sg(q_ig) s_i(theta) / (sum_i sg(q_ig) + eps)
-        L_var      = beta_policy * (2/M) * sum_g sg(R_g - Rbar) * S_g(theta)
+        R_g(theta) = sum_i sg(q_ig) s_i(theta) / (sum_i sg(q_ig) + eps)
+        L_var      = beta_policy * sum_g sg(dV/dR_g) * R_g(theta)
+                     dV/dR_g = 2 pi_g (R_g - Rbar)        mass_weighted
+                             = (2/M) (R_g - Rbar)         unweighted
 
-    sg = stop-gradient. s_i is the per-sequence mean of the PPO surrogate, i.e. minus the per-token
-    clipped policy loss averaged within sequence i (``-per_sequence_mean(per_token_loss, mask)``),
-    so S_g(theta) is a surrogate for group g's performance and, since
-    grad R_var = (2/M) sum_g (R_g - Rbar) grad R_g,
-        grad_theta L_var = beta_policy * grad_theta R_var.
-    Minimising (PPO loss + L_var) maximises return while shrinking the gap between groups.
-
-    seq_surrogate [N] (carries the gradient to theta); group_probs [N, M] and perf [N] are detached
-    here (no gradient to phi). Returns a 0-dim loss. The trainer uses the equivalent per-sample
-    weights instead (``group_invariant_weights``, see there for why).
+    sg = stop-gradient, so grad_theta L_var = beta_policy * grad_theta V: minimising
+    (PPO loss + L_var) maximises return while shrinking the gap between groups. s_i is the
+    per-sequence mean of the PPO surrogate (``sequence_surrogate``). seq_surrogate [N] carries the
+    gradient; group_probs [N, M] and perf [N] are detached (no gradient to phi). The trainer uses
+    the equivalent per-sample weights (``group_invariant_weights``).
     """
     q = group_probs.detach()
     M = q.shape[1]
-    means = group_means(q, perf.detach(), eps)
-    centred = means - means.mean()  # sg(R_g - Rbar) [M]
-    S_theta = (q * seq_surrogate[:, None]).sum(dim=0) / (q.sum(dim=0) + eps)  # [M]
-    return beta_policy * (2.0 / M) * (centred * S_theta).sum()
+    pi, _, centred = centred_group_means(q, perf.detach(), variance, eps)
+    dv_dr = 2.0 * pi * centred if variance == "mass_weighted" else (2.0 / M) * centred
+    r_theta = (q * seq_surrogate[:, None]).sum(dim=0) / (q.sum(dim=0) + eps)  # [M]
+    return beta_policy * (dv_dr.detach() * r_theta).sum()
 
 
 def group_invariant_weights(
     group_probs: torch.Tensor,
     perf: torch.Tensor,
     beta_policy: float,
+    variance: str = "mass_weighted",
     eps: float = 1e-6,
-    clamp_min: Optional[float] = 0.0,
 ) -> torch.Tensor:
-    """Per-sample weights w [N] on the PPO sequence loss that reproduce PPO + L_var (detached):
+    """Per-sample weights w [N] on the PPO sequence loss that reproduce PPO + L_var (detached,
+    UNCLIPPED; ``clip_weights`` bounds them):
 
-        w_i = 1 - N * beta_policy * (2/M) * sum_g (R_g - Rbar) * q_ig / (S_g + eps),   then w_i >= 0
+        mass_weighted   w_i = 1 - 2 beta_policy sum_g q_ig (R_g - Rbar)               mean_i w_i = 1
+        unweighted (v1) w_i = 1 - N beta_policy (2/M) sum_g q_ig (R_g - Rbar) / (S_g + eps)
 
     Why: with the PPO loss aggregated per sequence (``seq_mean_token_mean``: -(1/N) sum_i s_i),
-        -(1/N) sum_i w_i s_i = -(1/N) sum_i s_i + L_var
-    exactly (L_var is linear in s_i with the coefficients above). For M = 2 and hard groups of equal
-    size this is w_i = 1 - beta_policy * Delta * (q_i1 - q_i2), Delta = R_1 - R_2: the high group's
-    PPO gradient is damped, the low group's amplified. The unclamped weights average to 1 (up to eps).
+    -(1/N) sum_i w_i s_i = -(1/N) sum_i s_i + L_var exactly (L_var is linear in s_i). The high
+    group's PPO gradient is damped, the low group's amplified. The weights are computed once per
+    rollout batch from the whole batch's R_g and carried with each sample like its advantages, so
+    gradient accumulation and data parallelism need nothing special.
 
-    Which form the trainer uses: THESE WEIGHTS. They are computed once per rollout batch (step 3
-    of DESIGN.md §3, from the whole batch's R_g and S_g), carried with each sample like its
-    advantages, and applied per micro-batch by ``gil_policy_loss`` — no cross-micro-batch coupling,
-    so gradient accumulation and data parallelism need nothing special, and a mini-batch of n
-    samples with loss -(1/n) sum w_i s_i is an unbiased piece of the full-batch objective.
-    ``group_invariant_policy_loss`` is the definition; tests pin that both forms agree.
-
-    The clamp (decision): w_i = max(w_i, clamp_min), no renormalisation. It only acts when
-    beta_policy * Delta is large enough to make a (high-group) sample's weight negative; a negative
-    weight would push DOWN the probability of that sample's good responses (actively un-learning
-    the easy group). Clamped, such a sample is merely left out of the update. While any clamp is
-    active the weighted loss is PPO + L_var + (1/N) sum_{i: w_i < 0} w_i s_i, no longer exactly
-    PPO + L_var; the trainer logs gil/weight_zero_frac to show how often that happens.
-    clamp_min=None disables the clamp.
+    beta_policy = 0.25 by a rule: at a median split of a standard-normal G (R_g = +-0.80) the
+    mass-weighted weights are {0.6, 1.4}. The unweighted form multiplies by N / S_g, so a tiny
+    group gets a huge weight (v1's failure); at beta_policy = 1 even an ideal split makes the high
+    group's weights negative.
     """
     q = group_probs.detach()
     N, M = q.shape
-    means = group_means(q, perf.detach(), eps)
-    centred = means - means.mean()  # [M]
+    _, _, centred = centred_group_means(q, perf.detach(), variance, eps)
+    if variance == "mass_weighted":
+        return 1.0 - 2.0 * beta_policy * (q * centred[None, :]).sum(dim=1)
     per_sample = (q * (centred / (q.sum(dim=0) + eps))[None, :]).sum(dim=1)  # [N]
-    w = 1.0 - N * beta_policy * (2.0 / M) * per_sample
-    if clamp_min is not None:
-        w = w.clamp_min(clamp_min)
-    return w
+    return 1.0 - N * beta_policy * (2.0 / M) * per_sample
+
+
+def clip_weights(weights: torch.Tensor, weight_min: Optional[float], weight_max: Optional[float]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clipped weights [N], fraction clipped 0-dim). A weight below 0 would push DOWN the
+    probability of that sample's responses (un-learning the easy group), so weight_min defaults to 0;
+    weight_max bounds how much one sample can dominate an update. None = that side unbounded.
+    While a clip binds, the weighted loss is no longer exactly PPO + L_var (logged as
+    gil/weight_clip_frac)."""
+    lo = -float("inf") if weight_min is None else weight_min
+    hi = float("inf") if weight_max is None else weight_max
+    clipped = weights.clamp(lo, hi)
+    return clipped, (clipped != weights).to(weights.dtype).mean()
 
 
 def gil_policy_loss(
@@ -287,13 +404,13 @@ def gil_policy_loss(
     normalizer: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """GIL-PPO policy loss for one (micro-)batch: the PPO per-token loss, each sequence weighted
-    by its group-invariant weight w_i (``group_invariant_weights``, computed on the rollout batch):
+    by its group-invariant weight w_i (``group_invariant_weights``, clipped, from the rollout batch):
 
         loss = aggregate(w_i * pg_loss_it)      (= PPO loss + L_var for seq_mean_token_mean, no clamp)
 
     logprobs, old_logprobs, advantages, response_mask [B, T]; sample_weights [B] (None: plain PPO).
     With any other loss_agg_mode the weights still damp/amplify each sequence but the identity with
-    L_var is exact only for "seq_mean_token_mean" (DESIGN.md §4: tokens within a sequence first).
+    L_var is exact only for "seq_mean_token_mean" (tokens within a sequence first, then sequences).
     Returns (0-dim loss, metrics of the policy loss plus gil/weight_mean|min|max|zero_frac).
     """
     per_token, metrics = get_policy_loss(policy_loss)(
@@ -328,6 +445,7 @@ def group_metrics(
     group_probs: torch.Tensor,
     per_sample: Dict[str, torch.Tensor],
     perf: Optional[torch.Tensor] = None,
+    variance: str = "mass_weighted",
     eps: float = 1e-6,
 ) -> Metrics:
     """Per-group soft means and GIL health numbers (detached 0-dim tensors).
@@ -337,7 +455,7 @@ def group_metrics(
                           (e.g. reward, kl, advantage, value_error, true_reward)
 
     With ``perf`` (or per_sample["perf"]) also:
-        gil/r_var, gil/delta (max_g R_g - min_g R_g), gil/high_group,
+        gil/r_var (``variance``), gil/delta (max_g R_g - min_g R_g), gil/high_group, gil/minority_mass,
         gil/p_high_mean, gil/p_high_min, gil/p_high_max.
     """
     q = group_probs.detach()
@@ -358,7 +476,8 @@ def group_metrics(
         ph = p_high(q, g_high)
         out.update(
             {
-                "gil/r_var": group_variance(means),
+                "gil/r_var": between_group_variance(q, perf.detach().to(q.dtype), variance, eps),
+                "gil/minority_mass": mass.min(),
                 "gil/delta": means.max() - means.min(),
                 "gil/high_group": g_high.to(q.dtype),
                 "gil/p_high_mean": ph.mean(),
@@ -384,3 +503,10 @@ def assignment_agreement(
     perms = torch.tensor(list(itertools.permutations(range(L), M)), device=pred.device)  # [P, M]
     mapped = perms[:, pred]  # [P, N]: label assigned to each sample under each relabelling
     return (mapped == known_labels[None, :]).to(group_probs.dtype).mean(dim=1).max()
+
+
+def majority_share(known_labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """The agreement a constant assignment gets: the largest known group's share of the batch.
+    An inferred grouping is informative only above this baseline."""
+    counts = torch.bincount(known_labels.long(), minlength=num_labels)
+    return counts.max().to(torch.float32) / max(known_labels.numel(), 1)

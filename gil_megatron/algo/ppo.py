@@ -1,6 +1,6 @@
 """PPO for RLHF, as pure functions of tensors (the pieces NeMo-Aligner / veRL / OpenRLHF users know).
 
-Reading order follows one PPO iteration (DESIGN.md section 3):
+Reading order follows one PPO iteration (docs/design.md, one iteration's data flow):
 
     masked statistics            masked_sum / masked_mean / masked_var / masked_whiten
     rewards                      compute_token_rewards, RunningMoments, normalize_and_clip_rewards
@@ -106,7 +106,7 @@ def compute_token_rewards(
     kl_coef: Scalar,
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-token rewards with the KL penalty in the reward (Ziegler et al. 2019; DESIGN.md §4):
+    """Per-token rewards with the KL penalty in the reward (Ziegler et al. 2019):
 
         r_t = -kl_coef_i * KL_t            on every response token t
         r_T += score_i                     at the last response token T of row i

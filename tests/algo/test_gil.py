@@ -11,6 +11,21 @@ from hypothesis import strategies as st
 from gil_megatron.algo import gil, ppo
 
 
+# The first eight oracles were written for v1 (unweighted variance, weights clamped at 0 only);
+# they keep testing that math through these names. v2's oracles follow further down.
+def v1_weights(q, perf, beta_policy, eps=1e-6, clamp_min=0.0):
+    w = gil.group_invariant_weights(q, perf, beta_policy, variance="unweighted", eps=eps)
+    return w if clamp_min is None else gil.clip_weights(w, clamp_min, None)[0]
+
+
+def v1_policy_term(*args, **kwargs):
+    return gil.group_invariant_policy_loss(*args, variance="unweighted", **kwargs)
+
+
+def v1_inference_loss(*args, **kwargs):
+    return gil.group_inference_loss(*args, variance="unweighted", **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def float64_default():
     """Exact checks run in float64; restore the global default so other test modules are unaffected."""
@@ -99,8 +114,8 @@ def test_group_statistics_match_loops(N, M, seed):
     R = gil.group_means(q, perf)
     assert torch.allclose(R, group_means_loop(q, perf))
     assert torch.allclose(gil.group_variance(R), group_variance_loop(R))
-    assert torch.allclose(gil.group_invariant_policy_loss(s, q, perf, 0.3), l_var_loop(s, q, perf, 0.3))
-    assert torch.allclose(gil.group_invariant_weights(q, perf, 0.3, clamp_min=None), weights_loop(q, perf, 0.3))
+    assert torch.allclose(v1_policy_term(s, q, perf, 0.3), l_var_loop(s, q, perf, 0.3))
+    assert torch.allclose(v1_weights(q, perf, 0.3, clamp_min=None), weights_loop(q, perf, 0.3))
 
 
 def test_group_sums_compose_across_shards():
@@ -126,7 +141,7 @@ def test_oracle1_uniform_q(M):
     assert torch.allclose(r_var, torch.tensor(0.0), atol=1e-14)
     (grad,) = torch.autograd.grad(r_var, logits, retain_graph=True)
     assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-12)
-    loss, _ = gil.group_inference_loss(q, perf, beta_critic=1.0)
+    loss, _ = v1_inference_loss(q, perf, beta_critic=1.0)
     (grad,) = torch.autograd.grad(loss, logits)
     assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-12)
 
@@ -134,14 +149,14 @@ def test_oracle1_uniform_q(M):
     ppo_per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, old, adv, mask, clip_eps=0.2)
     ppo_loss = ppo.aggregate_loss(ppo_per_token, mask, "seq_mean_token_mean")
     (g_ppo,) = torch.autograd.grad(ppo_loss, logprobs, retain_graph=True)
-    w = gil.group_invariant_weights(q, perf, beta_policy=0.7)
+    w = v1_weights(q, perf, beta_policy=0.7)
     assert torch.allclose(w, torch.ones(N))
     gil_loss, _ = gil.gil_policy_loss(logprobs, old, adv, mask, w, clip_eps=0.2)
     (g_gil,) = torch.autograd.grad(gil_loss, logprobs)
     assert torch.allclose(gil_loss, ppo_loss) and torch.allclose(g_gil, g_ppo)
     # the L_var form gives the same update
     s = gil.sequence_surrogate(ppo_per_token, mask)
-    l_var = gil.group_invariant_policy_loss(s, q, perf, beta_policy=0.7)
+    l_var = v1_policy_term(s, q, perf, beta_policy=0.7)
     (g_lvar,) = torch.autograd.grad(ppo_loss + l_var, logprobs)
     assert torch.allclose(g_lvar, g_ppo)
 
@@ -157,17 +172,17 @@ def test_oracle2_beta_zero():
     logprobs, old, adv, mask = _policy_batch(B=N, seed=1)
     ppo_per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, old, adv, mask, clip_eps=0.2)
     ppo_loss = ppo.aggregate_loss(ppo_per_token, mask, "seq_mean_token_mean")
-    w = gil.group_invariant_weights(q, perf, beta_policy=0.0)
+    w = v1_weights(q, perf, beta_policy=0.0)
     assert torch.equal(w, torch.ones(N))
     gil_loss, _ = gil.gil_policy_loss(logprobs, old, adv, mask, w, clip_eps=0.2)
     assert torch.equal(gil_loss, ppo_loss)
     s = gil.sequence_surrogate(ppo_per_token, mask)
-    assert gil.group_invariant_policy_loss(s, q, perf, beta_policy=0.0) == 0
+    assert v1_policy_term(s, q, perf, beta_policy=0.0) == 0
     # no weights at all is plain PPO too
     assert torch.equal(gil.gil_policy_loss(logprobs, old, adv, mask, None, clip_eps=0.2)[0], ppo_loss)
 
     logits = torch.randn(N, M, requires_grad=True)
-    loss, _ = gil.group_inference_loss(
+    loss, _ = v1_inference_loss(
         torch.softmax(logits, 1), perf, beta_critic=0.0, min_group_mass=0.45, entropy_coef=0.1
     )
     loss.backward()
@@ -290,7 +305,7 @@ def test_oracle6_group_inference_separates_bimodal_returns():
     opt = torch.optim.Adam([W, b], lr=0.05)
     for _ in range(150):
         q = torch.softmax(feats @ W + b, dim=1)
-        loss, metrics = gil.group_inference_loss(q, gil.performance(perf), beta_critic=1.0, min_group_mass=0.2)
+        loss, metrics = v1_inference_loss(q, gil.performance("whitened_score", scores=perf), beta_critic=1.0, min_group_mass=0.2)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -298,7 +313,7 @@ def test_oracle6_group_inference_separates_bimodal_returns():
     assert gil.assignment_agreement(q, labels) >= 0.99
     # the inferred split is the mode split: its variance approaches that of the true split
     hard = torch.nn.functional.one_hot(labels, 2).to(q.dtype)
-    whitened = gil.performance(perf)
+    whitened = gil.performance("whitened_score", scores=perf)
     assert _r_var(q, whitened) > 0.9 * _r_var(hard, whitened)
 
 
@@ -312,12 +327,12 @@ def test_oracle7_policy_loss_has_no_gradient_to_phi_and_critic_loss_none_to_thet
     phi_logits = torch.randn(N, M, requires_grad=True)
     q = torch.softmax(phi_logits, dim=1)
     logprobs, old, adv, mask = _policy_batch(B=N, seed=2)
-    perf = gil.performance(torch.randn(N))
+    perf = gil.performance("whitened_score", scores=torch.randn(N))
 
-    w = gil.group_invariant_weights(q, perf, beta_policy=0.2)
+    w = v1_weights(q, perf, beta_policy=0.2)
     policy_loss, _ = gil.gil_policy_loss(logprobs, old, adv, mask, w, clip_eps=0.2)
     per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, old, adv, mask, clip_eps=0.2)
-    policy_loss = policy_loss + gil.group_invariant_policy_loss(
+    policy_loss = policy_loss + v1_policy_term(
         gil.sequence_surrogate(per_token, mask), q, perf, beta_policy=0.2
     )
     g_phi, g_theta = torch.autograd.grad(policy_loss, [phi_logits, logprobs], allow_unused=True)
@@ -325,8 +340,8 @@ def test_oracle7_policy_loss_has_no_gradient_to_phi_and_critic_loss_none_to_thet
 
     # critic side: even a performance that depends on theta sends nothing back to theta
     perf_theta = ppo.per_sequence_mean(logprobs, mask)
-    assert not gil.performance(perf_theta).requires_grad
-    critic_loss, _ = gil.group_inference_loss(q, perf_theta, beta_critic=1.0, min_group_mass=0.1, entropy_coef=0.1)
+    assert not gil.performance("whitened_score", scores=perf_theta).requires_grad
+    critic_loss, _ = v1_inference_loss(q, perf_theta, beta_critic=1.0, min_group_mass=0.1, entropy_coef=0.1)
     g_phi, g_theta = torch.autograd.grad(critic_loss, [phi_logits, logprobs], allow_unused=True)
     assert g_theta is None and g_phi is not None
 
@@ -394,7 +409,7 @@ def test_oracle8_tabular_bandit_expected_gradient_matches_finite_difference():
     prob = rho[ctx] * pi_old[ctx, act]  # P(c, a)
     q = q_ctx[ctx] * prob[:, None]
     assert torch.allclose(gil.group_means(q, reward[ctx, act], eps=0.0), group_perf(theta0))  # R_g = J_g
-    l_var = gil.group_invariant_policy_loss(s, q, reward[ctx, act], beta_policy=beta, eps=0.0)
+    l_var = v1_policy_term(s, q, reward[ctx, act], beta_policy=beta, eps=0.0)
     (grad,) = torch.autograd.grad(l_var, theta)
 
     assert fd.abs().max() > 1e-3  # the test is not vacuous
@@ -409,15 +424,15 @@ def test_oracle8_tabular_bandit_expected_gradient_matches_finite_difference():
 @pytest.mark.parametrize("M", [2, 3])
 def test_weighted_ppo_loss_equals_ppo_plus_l_var_without_clamp(M):
     N = 8
-    q, perf = _random_q(N, M, 9, temperature=0.5), gil.performance(torch.randn(N))
+    q, perf = _random_q(N, M, 9, temperature=0.5), gil.performance("whitened_score", scores=torch.randn(N))
     logprobs, old, adv, mask = _policy_batch(B=N, seed=3)
     beta = 0.1
-    w = gil.group_invariant_weights(q, perf, beta)
+    w = v1_weights(q, perf, beta)
     assert (w > 0).all() and torch.allclose(w.mean(), torch.tensor(1.0), atol=1e-5)
     weighted, metrics = gil.gil_policy_loss(logprobs, old, adv, mask, w, clip_eps=0.2)
     assert metrics["policy/clipfrac"] > 0 and metrics["gil/weight_zero_frac"] == 0
     per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, old, adv, mask, clip_eps=0.2)
-    combined = ppo.aggregate_loss(per_token, mask, "seq_mean_token_mean") + gil.group_invariant_policy_loss(
+    combined = ppo.aggregate_loss(per_token, mask, "seq_mean_token_mean") + v1_policy_term(
         gil.sequence_surrogate(per_token, mask), q, perf, beta
     )
     assert torch.allclose(weighted, combined)
@@ -431,7 +446,7 @@ def test_two_equal_hard_groups_weight_formula():
     perf = torch.tensor([2.0, -1.0, 1.0, 0.0, 0.5, 0.0])
     R = gil.group_means(q, perf, eps=0.0)
     delta, beta = R[0] - R[1], 0.2
-    w = gil.group_invariant_weights(q, perf, beta, eps=0.0)
+    w = v1_weights(q, perf, beta, eps=0.0)
     assert torch.allclose(w, 1.0 - beta * delta * (q[:, 0] - q[:, 1]))
 
 
@@ -441,8 +456,8 @@ def test_clamp_removes_negative_weights_and_is_documented_difference():
     q = torch.nn.functional.one_hot(labels, 2).to(torch.float64)
     perf = torch.tensor([2.0, 1.5, 1.0, -1.0, -1.5, -2.0])  # Delta = 3
     beta = 0.5  # weights 1 -/+ 1.5: high group negative
-    raw = gil.group_invariant_weights(q, perf, beta, eps=0.0, clamp_min=None)
-    w = gil.group_invariant_weights(q, perf, beta, eps=0.0)
+    raw = v1_weights(q, perf, beta, eps=0.0, clamp_min=None)
+    w = v1_weights(q, perf, beta, eps=0.0)
     assert torch.allclose(raw, torch.tensor([-0.5] * 3 + [2.5] * 3))
     assert torch.equal(w, raw.clamp_min(0.0))
     logprobs, old, adv, mask = _policy_batch(B=N, seed=4)
@@ -450,7 +465,7 @@ def test_clamp_removes_negative_weights_and_is_documented_difference():
     assert metrics["gil/weight_zero_frac"] == 0.5
     per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, old, adv, mask, clip_eps=0.2)
     s = gil.sequence_surrogate(per_token, mask)
-    ppo_plus_lvar = ppo.aggregate_loss(per_token, mask, "seq_mean_token_mean") + gil.group_invariant_policy_loss(
+    ppo_plus_lvar = ppo.aggregate_loss(per_token, mask, "seq_mean_token_mean") + v1_policy_term(
         s, q, perf, beta, eps=0.0
     )
     # clamped loss = PPO + L_var + (1/N) sum_{w_i < 0} w_i s_i
@@ -464,7 +479,7 @@ def test_clamp_removes_negative_weights_and_is_documented_difference():
 
 def test_performance_modes():
     scores = torch.tensor([1.0, 3.0, 5.0, 7.0], requires_grad=True)
-    G = gil.performance(scores)
+    G = gil.performance("whitened_score", scores=scores)
     assert not G.requires_grad
     assert torch.allclose(G.mean(), torch.tensor(0.0)) and torch.allclose(G.std(), torch.tensor(1.0), atol=1e-6)
     # Monte-Carlo return of the task reward (no KL), gamma = 1: the whitened score again
@@ -473,25 +488,25 @@ def test_performance_modes():
         mask[b, 1 + b % 2 : 5 - b % 3] = 1.0
     task_rewards = ppo.compute_token_rewards(scores.detach(), torch.randn(4, 5), 0.0, mask)
     _, mc = ppo.compute_gae(task_rewards, torch.zeros(4, 5), mask, gamma=1.0, lam=1.0)
-    assert torch.allclose(gil.performance(response_mask=mask, returns=mc, mode="mc_return"), G)
+    assert torch.allclose(gil.performance("mc_return", response_mask=mask, returns=mc), G)
     with pytest.raises(ValueError, match="whitened_score"):
-        gil.performance(scores, mode="kl_shaped")
+        gil.performance("kl_shaped", scores=scores)
     with pytest.raises(ValueError, match="returns"):
-        gil.performance(scores, mode="mc_return")
+        gil.performance("mc_return", scores=scores)
 
 
 def test_group_inference_guards():
     q = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.9, 0.1]], requires_grad=True)  # qbar = (0.9, 0.1)
     perf = torch.tensor([1.0, -1.0, 0.0])
-    base, m0 = gil.group_inference_loss(q, perf, beta_critic=1.0)
-    guarded, m1 = gil.group_inference_loss(q, perf, beta_critic=1.0, min_group_mass=0.3, mass_penalty_coef=2.0)
+    base, m0 = v1_inference_loss(q, perf, beta_critic=1.0)
+    guarded, m1 = v1_inference_loss(q, perf, beta_critic=1.0, min_group_mass=0.3, mass_penalty_coef=2.0)
     assert torch.allclose(m1["gil/head_mass_penalty"], torch.tensor(0.2))
     assert torch.allclose(guarded - base, torch.tensor(2.0 * 0.2))
     assert torch.allclose(m0["gil/head_mass_min"], torch.tensor(0.1))
     # the hinge alone pushes mass into the starved group
     (g,) = torch.autograd.grad(guarded - base, q, retain_graph=True)
     assert torch.allclose(g, torch.tensor([[0.0, -2.0 / 3]] * 3), atol=1e-12)
-    ent, m2 = gil.group_inference_loss(q, perf, beta_critic=2.0, entropy_coef=0.5)
+    ent, m2 = v1_inference_loss(q, perf, beta_critic=2.0, entropy_coef=0.5)
     H = -(0.9 * torch.log(torch.tensor(0.9)) + 0.1 * torch.log(torch.tensor(0.1)))
     assert torch.allclose(m2["gil/head_assign_entropy"], H)
     assert torch.allclose(ent, 2.0 * (base - 0.5 * H))
@@ -502,7 +517,7 @@ def test_group_metrics_match_loops():
     N, M = 9, 3
     q, perf = _random_q(N, M, 10), torch.randn(N)
     per_sample = {"reward": torch.randn(N), "kl": torch.rand(N)}
-    out = gil.group_metrics(q, per_sample, perf=perf)
+    out = gil.group_metrics(q, per_sample, perf=perf, variance="unweighted")
     for name, x in per_sample.items():
         ref = group_means_loop(q, x)
         for g in range(M):
@@ -519,7 +534,7 @@ def test_group_metrics_match_loops():
     assert torch.allclose(out["gil/p_high_max"], q[:, g_high].max())
     assert all(v.dim() == 0 and not v.requires_grad for v in out.values())
     # perf may also come in the per-sample dict
-    assert torch.equal(gil.group_metrics(q, {"perf": perf})["gil/r_var"], out["gil/r_var"])
+    assert torch.equal(gil.group_metrics(q, {"perf": perf}, variance="unweighted")["gil/r_var"], out["gil/r_var"])
 
 
 def test_assignment_agreement_best_permutation():
@@ -531,3 +546,257 @@ def test_assignment_agreement_best_permutation():
     # more known labels than groups (e.g. 3 families, 2 inferred groups)
     labels3 = torch.tensor([0, 0, 2, 2, 1])
     assert gil.assignment_agreement(swapped[[0, 1, 2, 3, 3]], labels3, num_labels=3) == 0.8
+
+
+# ============================================================================================
+# v2: mass-weighted variance, bounded weights, exact split, prompt-level mechanism (oracles 9-12)
+# ============================================================================================
+
+G8 = torch.tensor([-3.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def _hard(labels, M=2):
+    return torch.nn.functional.one_hot(torch.as_tensor(labels), M).to(torch.float64)
+
+
+def mass_weighted_variance_loop(q, perf, eps=1e-6):
+    N, M = q.shape
+    R = group_means_loop(q, perf, eps)
+    pi = [sum(float(q[i, g]) for i in range(N)) / N for g in range(M)]
+    rbar = sum(p * float(r) for p, r in zip(pi, R))
+    return torch.tensor(sum(p * (float(r) - rbar) ** 2 for p, r in zip(pi, R)))
+
+
+def mass_weighted_weights_loop(q, perf, beta, eps=1e-6):
+    N, M = q.shape
+    R = group_means_loop(q, perf, eps)
+    pi = [sum(float(q[i, g]) for i in range(N)) / N for g in range(M)]
+    rbar = sum(p * float(r) for p, r in zip(pi, R))
+    return torch.tensor([1.0 - 2 * beta * sum(float(q[i, g]) * (float(R[g]) - rbar) for g in range(M))
+                         for i in range(N)])
+
+
+@pytest.mark.parametrize("N,M,seed", [(7, 2, 1), (20, 3, 2), (33, 5, 3)])
+def test_mass_weighted_statistics_match_loops(N, M, seed):
+    q = _random_q(N, M, seed)
+    perf = torch.randn(N, generator=torch.Generator().manual_seed(seed + 100))
+    assert torch.allclose(gil.between_group_variance(q, perf), mass_weighted_variance_loop(q, perf))
+    w = gil.group_invariant_weights(q, perf, 0.3)
+    assert torch.allclose(w, mass_weighted_weights_loop(q, perf, 0.3))
+    assert torch.allclose(w.mean(), torch.tensor(1.0), atol=1e-5)  # mean exactly 1 up to eps
+
+
+def test_oracle9_two_splits_under_both_variances():
+    low_one, low_three = _hard([0] + [1] * 7), _hard([0, 0, 0] + [1] * 5)
+    V = lambda q, v: float(gil.between_group_variance(q, G8, v, eps=0.0))  # noqa: E731
+    assert V(low_one, "unweighted") == pytest.approx(2.9388, abs=1e-4)
+    assert V(low_one, "mass_weighted") == pytest.approx(1.2857, abs=1e-4)
+    assert V(low_three, "unweighted") == pytest.approx(1.7778, abs=1e-4)
+    assert V(low_three, "mass_weighted") == pytest.approx(1.6667, abs=1e-4)
+    # exact: the mass-weighted optimum is the balanced split, the unweighted one isolates the outlier
+    assert gil.exact_group_labels(G8, 2, "mass_weighted").tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert gil.exact_group_labels(G8, 2, "unweighted").tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
+    # exact labels follow the samples, not their order
+    perm = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])
+    assert gil.exact_group_labels(G8[perm], 2).tolist() == [1, 0, 1, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("variance,expected", [("mass_weighted", [0, 0, 0, 1, 1, 1, 1, 1]),
+                                               ("unweighted", [0, 1, 1, 1, 1, 1, 1, 1])])
+def test_oracle9_head_trained_by_ascent_reaches_the_exact_split(variance, expected):
+    """A linear head on a feature that carries the performance (as the critic trunk's features
+    carry its return estimate), trained by gradient ascent on V, reaches the split `exact` returns,
+    from any small random start."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(1, 2, dtype=G8.dtype)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.1)
+            head.bias.zero_()
+        opt = torch.optim.Adam(head.parameters(), lr=0.05)
+        for _ in range(500):
+            loss, _ = gil.group_inference_loss(torch.softmax(head(G8[:, None]), 1), G8, 1.0, variance=variance)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        pred = head(G8[:, None]).argmax(1)
+        assert [0 if p == pred[0] else 1 for p in pred] == expected, seed
+
+
+def test_oracle10_weights():
+    q = _hard([0, 0, 0] + [1] * 5)
+    w = gil.group_invariant_weights(q, G8, 0.25, "mass_weighted", eps=0.0)
+    assert torch.allclose(w, torch.tensor([11 / 6] * 3 + [0.5] * 5))
+    assert float(w.mean()) == pytest.approx(1.0, abs=1e-12)
+    q1 = _hard([0] + [1] * 7)
+    raw = gil.group_invariant_weights(q1, G8, 0.25, "unweighted", eps=0.0)
+    assert torch.allclose(raw, torch.tensor([4.4286] + [0.5102] * 7), atol=1e-4)
+    clipped, frac = gil.clip_weights(raw, 0.0, 2.0)
+    assert torch.allclose(clipped, torch.tensor([2.0] + [0.5102] * 7), atol=1e-4) and float(frac) == 1 / 8
+    beta1 = gil.group_invariant_weights(q1, G8, 1.0, "unweighted", eps=0.0)
+    assert torch.allclose(beta1, torch.tensor([14.714] + [-0.959] * 7), atol=1e-3)
+    # the rule behind beta_policy = 0.25: a median split of a standard normal gives {0.6, 1.4}
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.0005, 0.9995, 1000).double())
+    w_rule = gil.group_invariant_weights(_hard((z > 0).long()), z, 0.25, eps=0.0)
+    assert float(w_rule.min()) == pytest.approx(0.6, abs=0.01) and float(w_rule.max()) == pytest.approx(1.4, abs=0.01)
+
+
+def test_oracle3_normalised_adaptive_kl():
+    p = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert torch.allclose(gil.adaptive_kl_coef(0.1, p, normalize=True), torch.tensor([0.2, 0.2, 0.0, 0.0]))
+    assert torch.allclose(gil.adaptive_kl_coef(0.1, p), torch.tensor([0.1, 0.1, 0.0, 0.0]))
+
+
+@given(st.lists(st.floats(-5, 5), min_size=4, max_size=12), st.floats(-3, 3), st.floats(0.2, 4.0))
+@settings(max_examples=30, deadline=None)
+def test_oracle4_mass_weighted_properties(rows, shift, scale):
+    perf = torch.tensor(rows)
+    q = _random_q(len(rows), 2, len(rows))
+    v = gil.between_group_variance(q, perf)
+    assert torch.allclose(gil.between_group_variance(q, perf + shift), v, atol=1e-6)
+    assert torch.allclose(gil.between_group_variance(q, perf * scale), v * scale ** 2, atol=1e-5)
+    assert torch.allclose(gil.between_group_variance(q.flip(1), perf), v, atol=1e-7)
+
+
+def test_oracle4_equal_masses_make_both_variances_equal():
+    q = _hard([0, 1, 0, 1, 1, 0], M=2)
+    perf = torch.tensor([2.0, -1.0, 1.0, 0.0, 0.5, 0.0])
+    assert torch.allclose(gil.between_group_variance(q, perf, "mass_weighted", eps=0.0),
+                          gil.between_group_variance(q, perf, "unweighted", eps=0.0))
+    q3 = _hard([0, 1, 2, 0, 1, 2], M=3)
+    assert torch.allclose(gil.between_group_variance(q3, perf, "mass_weighted", eps=0.0),
+                          gil.between_group_variance(q3, perf, "unweighted", eps=0.0))
+
+
+def test_oracle1_uniform_q_mass_weighted():
+    q = torch.full((6, 3), 1 / 3).requires_grad_(True)
+    perf = torch.randn(6)
+    v = gil.between_group_variance(q, perf)
+    (grad,) = torch.autograd.grad(v, q)
+    assert float(v) == pytest.approx(0.0, abs=1e-12) and torch.allclose(grad, torch.zeros_like(grad))
+    assert torch.allclose(gil.group_invariant_weights(q, perf, 0.25), torch.ones(6))
+
+
+def test_mass_weighted_gradient_has_no_one_over_mass_factor():
+    """dV/dq_ig = ((G_i - Rbar)^2 - (G_i - R_g)^2) / N (hard labels, eps = 0)."""
+    q = _hard([0, 0, 0, 1, 1, 1, 1, 1]).requires_grad_(True)
+    v = gil.between_group_variance(q, G8, eps=0.0)
+    (grad,) = torch.autograd.grad(v, q)
+    R = gil.group_means(q.detach(), G8, eps=0.0)
+    expected = ((G8[:, None] - G8.mean()) ** 2 - (G8[:, None] - R[None, :]) ** 2) / 8
+    assert torch.allclose(grad, expected)
+
+
+def test_exact_labels_for_more_groups_match_brute_force():
+    import itertools
+
+    perf = torch.randn(9, generator=torch.Generator().manual_seed(4))
+    labels = gil.exact_group_labels(perf, 3)
+    best = max((float(gil.between_group_variance(_hard(list(c), 3), perf, eps=0.0)), c)
+               for c in itertools.product(range(3), repeat=9) if len(set(c)) == 3)
+    assert float(gil.between_group_variance(_hard(labels, 3), perf, eps=0.0)) == pytest.approx(best[0])
+    with pytest.raises(ValueError, match="mass_weighted"):
+        gil.exact_group_labels(perf, 3, "unweighted")
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_mass_weighted_weights_equal_ppo_plus_l_var(M):
+    N = 8
+    q, perf = _random_q(N, M, 9, temperature=0.5), gil.performance("whitened_score", scores=torch.randn(N))
+    logprobs, old, adv, mask = _policy_batch(B=N, seed=3)
+    w = gil.group_invariant_weights(q, perf, 0.25)
+    weighted, _ = gil.gil_policy_loss(logprobs, old, adv, mask, w, clip_eps=0.2)
+    per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, old, adv, mask, clip_eps=0.2)
+    combined = ppo.aggregate_loss(per_token, mask, "seq_mean_token_mean") + gil.group_invariant_policy_loss(
+        gil.sequence_surrogate(per_token, mask), q, perf, 0.25)
+    assert torch.allclose(weighted, combined, atol=1e-6)
+    g_w, g_c = (torch.autograd.grad(x, logprobs, retain_graph=True)[0] for x in (weighted, combined))
+    assert torch.allclose(g_w, g_c, atol=1e-6)
+
+
+def test_oracle8_mass_weighted_bandit_gradient_matches_finite_difference():
+    """Oracle 8 for the v2 variance: on the enumerated batch of a tabular bandit (see the v1
+    test above), grad_theta L_var == beta * finite-difference grad of sum_g pi_g (J_g - Jbar)^2."""
+    gen = torch.Generator().manual_seed(8)
+    C, K, beta = 4, 3, 0.7
+    theta0 = torch.randn(C, K, generator=gen)
+    reward = torch.randn(C, K, generator=gen)
+    rho = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    q_ctx = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.1, 0.9]])
+    w_ctx = rho[:, None] * q_ctx
+    pi = w_ctx.sum(0)
+
+    def var_g(theta):
+        V = (torch.softmax(theta, dim=1) * reward).sum(1)
+        J = (w_ctx * V[:, None]).sum(0) / pi
+        return (pi * (J - (pi * J).sum()).square()).sum()
+
+    h = 1e-6
+    fd = torch.zeros(C, K)
+    for c in range(C):
+        for a in range(K):
+            e = torch.zeros(C, K)
+            e[c, a] = h
+            fd[c, a] = (var_g(theta0 + e) - var_g(theta0 - e)) / (2 * h)
+    theta = theta0.clone().requires_grad_(True)
+    ctx, act = (t.reshape(-1) for t in torch.meshgrid(torch.arange(C), torch.arange(K), indexing="ij"))
+    logprobs = torch.log_softmax(theta, dim=1)[ctx, act][:, None]
+    pi_old = torch.softmax(theta0, dim=1)
+    advantages = (reward[ctx, act] - (pi_old * reward).sum(1)[ctx])[:, None]
+    mask = torch.ones_like(logprobs)
+    per_token, _ = ppo.POLICY_LOSSES["ppo_clip"](logprobs, logprobs.detach(), advantages, mask, clip_eps=0.2)
+    # probabilities folded into the weights, scaled so that the rows average to 1 (S_g / N = pi_g)
+    q = q_ctx[ctx] * (rho[ctx] * pi_old[ctx, act])[:, None] * len(ctx)
+    l_var = gil.group_invariant_policy_loss(gil.sequence_surrogate(per_token, mask), q, reward[ctx, act],
+                                            beta_policy=beta, eps=0.0)
+    (grad,) = torch.autograd.grad(l_var, theta)
+    assert fd.abs().max() > 1e-3
+    assert torch.allclose(grad, beta * fd, atol=1e-8, rtol=1e-6)
+
+
+def _contextual_bandit(gen, N=256, hard_frac=0.2):
+    """Known easy/hard prompt groups (80/20) visible in one of 4 prompt features; score +-1 plus
+    N(0, 1.5^2) noise; 2 % of responses are outliers at -8 (visible only in the response)."""
+    hard = (torch.rand(N, generator=gen) < hard_frac).long()
+    prompt_features = torch.cat([hard[:, None].double(), torch.randn(N, 3, generator=gen)], 1)
+    score = torch.where(hard == 1, -1.0, 1.0) + 1.5 * torch.randn(N, generator=gen)
+    outlier = torch.rand(N, generator=gen) < 0.02
+    score = torch.where(outlier, torch.full_like(score, -8.0), score)
+    return hard, prompt_features, outlier.double()[:, None], score
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oracle12_mechanism_prompt_level_v2_finds_the_known_split_and_v1_isolates_outliers(seed):
+    """v2 (prompt-level head, mass-weighted) reaches >= 0.9 agreement with the known easy/hard
+    split; v1 (response-level head that also sees the response, unweighted variance, its 0.1
+    mass guard) puts the outliers in a tiny group and stays near the 0.8 majority share."""
+    results = {}
+    for version in ("v2", "v1"):
+        gen = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(4 if version == "v2" else 5, 2)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.5, generator=gen)
+            head.bias.zero_()
+        opt = torch.optim.Adam(head.parameters(), lr=0.05)
+
+        def q_of(features, response):
+            return torch.softmax(head(features if version == "v2" else torch.cat([features, response], 1)), -1)
+
+        for _ in range(200):
+            _, features, response, score = _contextual_bandit(gen)
+            loss, _ = gil.group_inference_loss(
+                q_of(features, response), gil.performance("whitened_score", scores=score), 1.0,
+                min_group_mass=0.0 if version == "v2" else 0.1,
+                variance="mass_weighted" if version == "v2" else "unweighted")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hard, features, response, _ = _contextual_bandit(gen, N=2000)
+        with torch.no_grad():
+            q = q_of(features, response)
+        results[version] = (float(gil.assignment_agreement(q, hard)), float(q.mean(0).min()),
+                            float(gil.majority_share(hard, 2)))
+    agree2, mass2, _ = results["v2"]
+    agree1, mass1, majority = results["v1"]
+    assert agree2 >= 0.9 and mass2 > 0.15, results
+    assert agree1 < majority + 0.05 and mass1 < 0.05, results
