@@ -106,6 +106,6 @@ def _group_coefficients(q: torch.Tensor, perf: torch.Tensor, batch: Dict[str, to
             if bool((labels < 0).any()) or bool((labels >= params.num_groups).any()):
                 raise ValueError(f"gil.inference=known needs every prompt's `group` mapped to one of "
                                  f"gil.num_groups={params.num_groups} groups (set gil.known_groups)")
-        loss, _ = gil.group_label_loss(q, labels, params.beta_critic)
+        loss, _ = gil.group_label_loss(q, gil.align_labels(labels, q), params.beta_critic)
     (coeffs,) = torch.autograd.grad(loss, q)
     return coeffs.detach()

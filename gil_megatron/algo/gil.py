@@ -302,6 +302,17 @@ def group_inference_loss(
     return loss, metrics
 
 
+def align_labels(labels: torch.Tensor, group_probs: torch.Tensor) -> torch.Tensor:
+    """Relabel hard group labels [N] by the permutation that best matches the head's current argmax
+    (groups are defined up to permutation; training the head towards permuted labels would only
+    make it swap its groups)."""
+    M = group_probs.shape[1]
+    pred = group_probs.detach().argmax(dim=1)
+    perms = torch.tensor(list(itertools.permutations(range(M))))  # [P, M]: label -> group
+    best = (perms[:, labels.long()] == pred[None, :]).sum(dim=1).argmax()
+    return perms[best][labels.long()]
+
+
 def group_label_loss(group_probs: torch.Tensor, labels: torch.Tensor, beta_critic: float) -> Tuple[torch.Tensor, Metrics]:
     """Cross-entropy of the group head against given hard labels (gil.inference = exact | known):
     beta_critic * mean_i -log q_{i, label_i}. group_probs [N, M], labels [N] long."""
