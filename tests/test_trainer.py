@@ -155,3 +155,26 @@ def test_launch_script_end_to_end(mini, tmp_path):
     assert [m["iteration"] for m in lines] == [1, 2, 3]
     assert "eval/ood/gold" in lines[-1]  # the YAML's held-out sets are evaluated at the end
     assert "gil: iteration 3" in proc.stdout
+
+
+def _critic_group_logits(ckpt):
+    from gil_megatron import distributed
+    from gil_megatron.models.build import model_from_checkpoint
+    from gil_megatron.scoring import score_critic
+
+    layout = distributed.initialize(1, 1, seed=0)
+    critic = model_from_checkpoint(ckpt, "critic", layout, num_groups=2)
+    # two rows with the same 4-token prompt and different responses, right-padded with 0
+    seqs = torch.tensor([[1, 5, 6, 7, 9, 10, 11], [1, 5, 6, 7, 12, 0, 0]])
+    prompt_lengths, lengths = torch.tensor([4, 4]), torch.tensor([7, 5])
+    at_prompt = score_critic(critic, seqs, prompt_lengths, 2)[1]
+    at_end = score_critic(critic, seqs, lengths, 2)[1]
+    return at_prompt, at_end
+
+
+def test_oracle11_prompt_level_groups_give_every_response_to_a_prompt_the_same_q(mini):
+    """group_level=prompt: the trainer reads the group head at the last prompt token
+    (rollout.prompt_lengths), so q depends on the prompt only; at the last token it does not."""
+    at_prompt, at_end = spawn(_critic_group_logits, 1, str(mini / "actor"))[0]
+    assert torch.equal(at_prompt[0], at_prompt[1])
+    assert not torch.allclose(at_end[0], at_end[1])
