@@ -89,6 +89,9 @@ class DataConfig:
 class RolloutConfig:
     batch_size: int = 64
     """Prompts per PPO iteration (global, across data-parallel ranks)."""
+    n_samples_per_prompt: int = 1
+    """Responses generated per prompt; they stay together through mini-batching (GRPO / RLOO need > 1).
+    Sequences per iteration = batch_size * n_samples_per_prompt."""
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
@@ -100,6 +103,7 @@ class RolloutConfig:
 
     def validate(self):
         _require(self.batch_size > 0, f"rollout.batch_size={self.batch_size} must be > 0")
+        _require(self.n_samples_per_prompt >= 1, f"rollout.n_samples_per_prompt={self.n_samples_per_prompt} must be >= 1")
         _require(self.max_new_tokens > 0, f"rollout.max_new_tokens={self.max_new_tokens} must be > 0")
         _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0 (use rollout.greedy=true)")
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
@@ -112,7 +116,7 @@ class PPOSettings:
     epochs: int = 1
     """Passes over each rollout batch."""
     mini_batch_size: int = 64
-    """Sequences per optimizer step (global); divides rollout.batch_size."""
+    """Sequences per optimizer step (global); divides rollout.batch_size * rollout.n_samples_per_prompt."""
     micro_batch_size: int = 16
     """Sequences per forward/backward (per data-parallel rank); gradient accumulation fills the mini-batch."""
     clip_eps: float = 0.2
@@ -277,8 +281,13 @@ class PPOConfig:
         from gil_megatron.objectives import ALGORITHMS
 
         _require(self.algo in ALGORITHMS, f"algo={self.algo!r}; valid: {', '.join(ALGORITHMS)}")
-        _require(self.rollout.batch_size % self.ppo.mini_batch_size == 0,
-                 f"ppo.mini_batch_size={self.ppo.mini_batch_size} must divide rollout.batch_size={self.rollout.batch_size}")
+        n_seq = self.rollout.batch_size * self.rollout.n_samples_per_prompt
+        _require(n_seq % self.ppo.mini_batch_size == 0,
+                 f"ppo.mini_batch_size={self.ppo.mini_batch_size} must divide the sequences per iteration "
+                 f"rollout.batch_size * rollout.n_samples_per_prompt = {n_seq}")
+        algo = ALGORITHMS[self.algo]
+        _require(algo.advantage not in ("grpo", "rloo") or self.rollout.n_samples_per_prompt > 1,
+                 f"algo={self.algo} compares the samples of a prompt: set rollout.n_samples_per_prompt >= 2")
 
     def check_world(self, world_size: int) -> int:
         """Validate batch arithmetic against the launched world; returns dp."""

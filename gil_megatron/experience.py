@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from gil_megatron.algo import gil, ppo
+from gil_megatron.algo.advantages import get_advantage_estimator
 from gil_megatron.objectives import Algorithm, ObjectiveParams, kl_coefficients
 from gil_megatron.ops.logprob import masked_kl
 
@@ -28,6 +29,7 @@ def make_experience(
         old_logprobs, ref_logprobs, values, action_mask [N, T]
         group_logits [N, M] the critic's group head where gil.group_level reads it
         oracle_group [N]   the data's `group` mapped by gil.known_groups (-1: none); for inference=known
+        prompt_index [N]   rows with equal index are samples of one prompt (default: all distinct)
     eta: the KL controller's current value. generator: draws the permutation of the shuffled-weights
     control. Returns kl, rewards, advantages, returns, kl_coef, kl_loss_coef, p_high,
     sample_weights [N] and, with group inference, group_probs, perf, group_coeffs, weight_clip_frac.
@@ -51,7 +53,9 @@ def make_experience(
     # 3. per-token rewards with the (adaptive) KL penalty; advantages and returns
     reward_coef, loss_coef = kl_coefficients(algo, params, eta, p_high)
     rewards = ppo.compute_token_rewards(batch["scores"], kl, reward_coef, mask)
-    advantages, returns = ppo.compute_gae(rewards, values, mask, params.gamma, params.lam)
+    prompt_index = batch.get("prompt_index", torch.arange(n))
+    advantages, returns = get_advantage_estimator(algo.advantage)(rewards, values, mask, prompt_index,
+                                                                  params.gamma, params.lam)
     if params.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, mask)
 

@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from gil_megatron.algo import gil, ppo
+from gil_megatron.algo.advantages import ADVANTAGE_ESTIMATORS
 from gil_megatron.ops.logprob import masked_kl
 
 Metrics = Dict[str, torch.Tensor]
@@ -28,6 +29,8 @@ Metrics = Dict[str, torch.Tensor]
 class Algorithm:
     name: str
     summary: str
+    advantage: str = "gae"
+    """An estimator of algo/advantages.py (gae needs the critic; grpo, rloo, reinforce_pp do not)."""
     kl_penalty: bool = True
     """A KL term to the reference at all."""
     group_inference: bool = False
@@ -37,8 +40,19 @@ class Algorithm:
     invariance: str = "none"
     """none | weights (the group-invariant policy term as per-sample weights) | shuffled (the same
     weights randomly permuted within the batch: same step sizes, wrong samples; a control)."""
-    fixed_gil: Mapping[str, object] = field(default_factory=dict)
-    """gil.* options this entry fixes whatever the config says (gil_v1)."""
+    fixed: Mapping[str, object] = field(default_factory=dict)
+    """ObjectiveParams this entry fixes whatever the config says (gil_v1's options, GRPO's KL in
+    the loss, the critic-free estimators' own normalisation)."""
+
+    def __post_init__(self):
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"algorithm {self.name!r}: unknown advantage estimator {self.advantage!r}")
+        if self.group_inference and not self.uses_critic:
+            raise ValueError(f"algorithm {self.name!r}: group inference needs the critic (advantage='gae')")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
 
 
 ALGORITHMS: Dict[str, Algorithm] = {}
@@ -65,13 +79,20 @@ register_algorithm(Algorithm("ppo_no_kl", "PPO without any KL term", kl_penalty=
 register_algorithm(Algorithm("gil", "GIL-PPO (v2): group inference, invariance weights, adaptive KL",
                              group_inference=True, adaptive_kl=True, invariance="weights"))
 register_algorithm(Algorithm("gil_v1", "GIL-PPO as first built: " + ", ".join(f"{k}={v}" for k, v in GIL_V1.items()),
-                             group_inference=True, adaptive_kl=True, invariance="weights", fixed_gil=GIL_V1))
+                             group_inference=True, adaptive_kl=True, invariance="weights", fixed=GIL_V1))
 register_algorithm(Algorithm("gil_no_adaptive_kl", "GIL without the adaptive KL (fixed eta)",
                              group_inference=True, invariance="weights"))
 register_algorithm(Algorithm("gil_no_invariance", "GIL without the invariance term (adaptive KL only)",
                              group_inference=True, adaptive_kl=True))
 register_algorithm(Algorithm("gil_shuffled_weights", "GIL with its invariance weights permuted within the batch",
                              group_inference=True, adaptive_kl=True, invariance="shuffled"))
+# critic-free baselines (need rollout.n_samples_per_prompt > 1)
+register_algorithm(Algorithm("grpo", "GRPO: group-normalised outcome advantages over n samples, KL in the loss",
+                             advantage="grpo", fixed={"kl_in": "loss", "whiten_advantages": False}))
+register_algorithm(Algorithm("rloo", "RLOO: leave-one-out baseline over n samples per prompt",
+                             advantage="rloo", fixed={"whiten_advantages": False}))
+register_algorithm(Algorithm("reinforce_pp", "REINFORCE++: per-token KL in the reward, batch-whitened returns",
+                             advantage="reinforce_pp", fixed={"kl_in": "reward", "whiten_advantages": False}))
 
 
 @dataclass(frozen=True)
@@ -120,7 +141,7 @@ def params_from_config(cfg) -> ObjectiveParams:
         weight_max=g.weight_max, min_group_mass=g.min_group_mass, mass_penalty_coef=g.mass_penalty_coef,
         group_entropy_coef=g.entropy_coef, adaptive_kl_normalize=g.adaptive_kl_normalize,
     )
-    params = replace(params, **algo.fixed_gil)
+    params = replace(params, **algo.fixed)
     if params.min_group_mass is None:
         params = replace(params, min_group_mass=0.0 if params.variance == "mass_weighted" else 0.1)
     return params

@@ -1,4 +1,4 @@
-"""The rollout-then-train loop (DESIGN.md section 3), one method per step of an iteration.
+"""The rollout-then-train loop (docs/design.md, section 2), one method per step of an iteration.
 
     rollout()     prompts -> actor generates (KV cache, TP/PP)
     score()       no-grad: reward, old / reference log-probs, critic values and group logits
@@ -12,6 +12,7 @@ batch; the per-sample tensors are all-gathered for the batch statistics, so ever
 quantity equals the single-rank one.
 """
 
+import dataclasses
 import os
 import time
 from typing import Dict, List, Optional
@@ -58,9 +59,11 @@ class PPOTrainer:
         self.pad_id = pad_token_id(self.tokenizer)
         self.actor = model_from_checkpoint(m.actor, "actor", self.layout, dtype)
         self.reference = model_from_checkpoint(m.reference or m.actor, "actor", self.layout, dtype, trainable=False)
-        self.critic = model_from_checkpoint(m.critic or m.reward_model or m.actor, "critic", self.layout, dtype,
-                                            num_groups=cfg.gil.num_groups)
-        self.critic.detach_group_trunk = cfg.gil.detach_trunk
+        self.critic = self.critic_train = None  # critic-free algorithms (grpo, rloo, reinforce_pp) have none
+        if self.algo.uses_critic:
+            self.critic = model_from_checkpoint(m.critic or m.reward_model or m.actor, "critic", self.layout, dtype,
+                                                num_groups=cfg.gil.num_groups)
+            self.critic.detach_group_trunk = cfg.gil.detach_trunk
         if m.reward_model:
             self.reward_model = model_from_checkpoint(m.reward_model, "reward", self.layout, dtype, trainable=False)
             self.reward_fn = None
@@ -68,7 +71,8 @@ class PPOTrainer:
             self.reward_model, self.reward_fn = None, RewardFunction(m.reward_fn)
         self.gold_fn = RewardFunction(m.gold_reward_fn) if m.gold_reward_fn else None
         self.actor_train = Trainable(self.actor, cfg.actor_optim)
-        self.critic_train = Trainable(self.critic, cfg.critic_optim)
+        if self.critic is not None:
+            self.critic_train = Trainable(self.critic, cfg.critic_optim)
 
         prompts = load_prompts(cfg.data.train_prompts, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                                too_long=cfg.data.too_long)
@@ -96,11 +100,13 @@ class PPOTrainer:
 
     def _check_memory(self, dtype: torch.dtype) -> None:
         m, cfg = self.cfg.models, self.cfg
-        paths = {"actor": m.actor, "reference": m.reference or m.actor, "critic": m.critic or m.reward_model or m.actor}
+        paths = {"actor": m.actor, "reference": m.reference or m.actor}
+        if self.algo.uses_critic:
+            paths["critic"] = m.critic or m.reward_model or m.actor
         if m.reward_model:
             paths["reward_model"] = m.reward_model
         archs = {name: arch_of(path)[0] for name, path in paths.items()}
-        est = memory.estimate(archs, ("actor", "critic"), self.layout.tp, self.layout.pp,
+        est = memory.estimate(archs, tuple(n for n in ("actor", "critic") if n in paths), self.layout.tp, self.layout.pp,
                               max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                               torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -111,7 +117,7 @@ class PPOTrainer:
 
     # ---- one iteration ---------------------------------------------------------------------
     def rollout(self):
-        batch = self.loader.next_batch()
+        batch = repeat_prompts(self.loader.next_batch(), self.cfg.rollout.n_samples_per_prompt)
         rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device),
                            self.sampling, self.generator)
         return batch, rollout
@@ -123,7 +129,10 @@ class PPOTrainer:
         ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
         head_lengths = rollout.prompt_lengths if self.params.group_level == "prompt" else lengths
-        values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs)
+        if self.critic is not None:
+            values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs)
+        else:
+            values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.num_groups)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
@@ -160,11 +169,11 @@ class PPOTrainer:
         n_global = full["sequences"].shape[0]
         rows = torch.arange(self.layout.dp_rank, n_global, self.dp)  # this rank's share
         local_mini = cfg.ppo.mini_batch_size // self.dp
-        n_minibatches = cfg.rollout.batch_size // cfg.ppo.mini_batch_size
+        n_minibatches = n_global // cfg.ppo.mini_batch_size
         gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.iteration)
         step_metrics = []
         for _ in range(cfg.ppo.epochs):
-            order = rows[torch.randperm(len(rows), generator=gen)]
+            order = shuffle_keeping_prompts_together(rows, full["prompt_index"][rows], gen)
             for k in range(n_minibatches):
                 idx = order[k * local_mini:(k + 1) * local_mini]
                 mini = {name: t[idx] for name, t in full.items() if torch.is_tensor(t) and t.dim() > 0
@@ -193,8 +202,10 @@ class PPOTrainer:
             logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
             return objectives.actor_loss(mb, logprobs, entropy, params, normalizer)
 
-        c_metrics = self.critic_train.forward_backward(microbatches, critic_loss)
-        c_ok, c_norm = self.critic_train.step()
+        c_metrics, c_ok, c_norm = [], True, 0.0
+        if self.critic_train is not None:
+            c_metrics = self.critic_train.forward_backward(microbatches, critic_loss)
+            c_ok, c_norm = self.critic_train.step()
         a_metrics = self.actor_train.forward_backward(microbatches, actor_loss)
         a_ok, a_norm = self.actor_train.step()
         metrics = reduce_microbatch_metrics(c_metrics + a_metrics,
@@ -211,6 +222,9 @@ class PPOTrainer:
         local = self.score(batch, rollout)
         local["known_group"] = torch.tensor([self._known_group_id(g) for g in batch.groups])
         local["oracle_group"] = torch.tensor([self._oracle_group_id(g) for g in batch.groups])
+        # a global id per prompt (unique across DP ranks): its n samples share it
+        n = self.cfg.rollout.n_samples_per_prompt
+        local["prompt_index"] = (torch.arange(len(batch)) // n) * self.dp + self.layout.dp_rank
         t_score = time.perf_counter()
         full = self.experience(local)
         steps = self.update(full)
@@ -339,18 +353,21 @@ class PPOTrainer:
                 "generator": self.generator.get_state().tolist(), "prev_high_group": self.prev_high_group,
                 "high_group_flips": self.high_group_flips, "bad_steps": self.bad_steps}
 
+    def _trained_models(self):
+        """({name: model}, {name: Trainable}) of what this run trains (no critic for critic-free algos)."""
+        names = ("actor", "critic") if self.critic is not None else ("actor",)
+        return ({n: getattr(self, n) for n in names}, {n: getattr(self, f"{n}_train") for n in names})
+
     def save(self) -> str:
         return ckpt.save_checkpoint(self.cfg.run_dir, self.iteration, self.layout,
-                                    {"actor": self.actor, "critic": self.critic},
-                                    {"actor": self.actor_train, "critic": self.critic_train},
+                                    *self._trained_models(),
                                     self._trainer_state(), self.cfg.checkpoint.keep_last)
 
     def _resume(self) -> None:
         path = ckpt.resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.layout, {"actor": self.actor, "critic": self.critic},
-                                     {"actor": self.actor_train, "critic": self.critic_train})
+        state = ckpt.load_checkpoint(path, self.layout, *self._trained_models())
         self.iteration = state["iteration"]
         self.loader.load_state_dict(state["data"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -397,6 +414,28 @@ class PPOTrainer:
 
 
 # ---- helpers: collectives kept out of the loop above --------------------------------------------
+def repeat_prompts(batch, n: int):
+    """Each prompt of a PromptBatch n times in a row (rollout.n_samples_per_prompt)."""
+    if n == 1:
+        return batch
+    rep = lambda xs: [x for x in xs for _ in range(n)]  # noqa: E731
+    return dataclasses.replace(batch, input_ids=batch.input_ids.repeat_interleave(n, 0),
+                               lengths=batch.lengths.repeat_interleave(n), prompts=rep(batch.prompts),
+                               groups=rep(batch.groups), indices=rep(batch.indices),
+                               valid=batch.valid.repeat_interleave(n))
+
+
+def shuffle_keeping_prompts_together(rows: torch.Tensor, prompt_index: torch.Tensor,
+                                     generator: torch.Generator) -> torch.Tensor:
+    """A random order of ``rows`` in which the samples of one prompt stay adjacent (so they land in
+    the same mini-batch): prompts are shuffled, then their rows follow in order."""
+    uids, inverse = torch.unique(prompt_index, return_inverse=True)
+    rank_of_uid = torch.empty_like(uids)
+    rank_of_uid[torch.randperm(len(uids), generator=generator)] = torch.arange(len(uids))
+    return rows[torch.argsort(rank_of_uid[inverse], stable=True)]
+
+
+
 def _loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
     """The local mini-batch's count that turns micro-batch sums into the mini-batch mean."""
     if mode == "token_mean":

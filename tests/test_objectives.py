@@ -24,9 +24,10 @@ def test_registry_lists_every_algorithm_and_rejects_unknown_names():
 def test_every_algorithm_runs_through_the_shared_signature(name):
     algo = objectives.get_algorithm(name)
     cfg = load_config(PPOConfig, None, ["models.actor=x", "models.reward_model=y", "data.train_prompts=z",
-                                        f"algo={name}"])
+                                        f"algo={name}", "rollout.n_samples_per_prompt=2"])
     params = objectives.params_from_config(cfg)
     batch, _ = rollout_batch()
+    batch["prompt_index"] = torch.arange(8) // 2
     exp = make_experience(batch, algo, params, eta=0.05, generator=torch.Generator().manual_seed(0))
     mb = {**batch, **exp}
     logprobs = batch["old_logprobs"].clone().requires_grad_(True)

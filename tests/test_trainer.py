@@ -80,6 +80,9 @@ def _layouts_and_algos(mini, out):
         for algo in ("gil", "ppo", "ppo_no_kl", "gil_v1"):
             results[algo] = _train(None, overrides(mini, out / f"tp1_{algo}", algo=algo))
         results["kl_in_loss"] = _train(None, overrides(mini, out / "tp1_klloss", **{"ppo.kl_in": "loss", "ppo.target_kl": 0.1}))
+        # critic-free, n samples per prompt kept together, KL in the loss
+        results["grpo"] = _train(None, overrides(mini, out / "tp1_grpo", algo="grpo",
+                                                 **{"rollout.n_samples_per_prompt": 2, "ppo.kl_estimator": "k3"}))
     else:
         results["gil"] = _train(None, overrides(mini, out / "tp2_gil", **{"parallel.tp": 2}))
         # resume: 4 iterations straight vs 2 + restart + 2
@@ -178,3 +181,14 @@ def test_oracle11_prompt_level_groups_give_every_response_to_a_prompt_the_same_q
     at_prompt, at_end = spawn(_critic_group_logits, 1, str(mini / "actor"))[0]
     assert torch.equal(at_prompt[0], at_prompt[1])
     assert not torch.allclose(at_end[0], at_end[1])
+
+
+def test_n_samples_per_prompt_stay_adjacent_and_together():
+    from gil_megatron.trainer import shuffle_keeping_prompts_together
+
+    rows = torch.arange(12)
+    prompt_index = torch.arange(12) // 3
+    order = shuffle_keeping_prompts_together(rows, prompt_index, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(12)) and order.tolist() != list(range(12))
+    blocks = prompt_index[order].reshape(4, 3)
+    assert (blocks == blocks[:, :1]).all()  # each block of 3 is one prompt's samples

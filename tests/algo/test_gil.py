@@ -1,4 +1,4 @@
-"""Tests for gil_megatron/algo/gil.py: the 8 oracles of DESIGN.md section 4, plus every GIL
+"""Tests for gil_megatron/algo/gil.py: the oracles of docs/design.md section 4.7, plus every GIL
 statistic against a slow, obvious loop."""
 
 import itertools
