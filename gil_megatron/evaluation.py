@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from gil_megatron import distributed
 from gil_megatron.algo.gil import assignment_agreement
 from gil_megatron.data import PromptDataset, eval_batches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
@@ -61,7 +62,10 @@ class Scorers:
     reference: Optional[torch.nn.Module] = None
     """Frozen reference policy: enables ``kl_to_ref``."""
     critic: Optional[torch.nn.Module] = None
-    """GIL critic with a group head: enables the inferred groups (argmax_g p_phi(g | x, y))."""
+    """GIL critic with a group head: enables the inferred groups (argmax_g q_g)."""
+    group_level: str = "prompt"
+    """Where the group head reads the critic (gil.group_level of the run that trained it): the last
+    prompt token (prompt) or the last token (response)."""
 
     @property
     def score_names(self) -> List[str]:
@@ -158,7 +162,8 @@ def score_responses(actor: torch.nn.Module, rollout: RolloutBatch, prompts: List
     if scorers.reference is not None:
         out["kl_to_ref"] = sequence_kl(actor, scorers.reference, seqs, rollout.response_mask, micro_batch_size)
     if scorers.critic is not None:
-        _, group_logits = score_critic(scorers.critic, seqs, lengths, micro_batch_size)
+        head_lengths = rollout.prompt_lengths if scorers.group_level == "prompt" else lengths
+        _, group_logits = score_critic(scorers.critic, seqs, head_lengths, micro_batch_size)
         probs = torch.softmax(group_logits.float(), dim=-1)
         out["group_probs"] = probs
         out["inferred_group"] = probs.argmax(dim=-1)
@@ -175,9 +180,10 @@ def generate_and_score(actor: torch.nn.Module, dataset: PromptDataset, scorers: 
         raise ValueError(f"--batch-size {batch_size} must be divisible by the data-parallel size {dp}")
     # the same stream on every TP/PP rank of a replica (sampling must agree), different across DP
     generator = torch.Generator().manual_seed(seed * 1000 + dp_rank)
+    device = distributed.device()
     records: List[dict] = []
     for batch in eval_batches(dataset, batch_size, pad_token_id=scorers.pad_token_id, dp_rank=dp_rank, dp_size=dp):
-        rollout = generate(actor, batch.input_ids, batch.lengths, sampling, generator)
+        rollout = generate(actor, batch.input_ids.to(device), batch.lengths.to(device), sampling, generator)
         prompts, responses = decode_rollout(scorers.tokenizer, rollout)
         scored = score_responses(actor, rollout, prompts, responses, scorers, micro_batch_size)
         columns = {k: v.tolist() for k, v in scored.items()}  # one host sync per batch

@@ -26,7 +26,8 @@ from gil_megatron import distributed, faults, memory
 from gil_megatron import objectives
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
-from gil_megatron.data import DataLoader, eval_batches, load_prompts, pad_token_id
+from gil_megatron.data import DataLoader, load_prompts, pad_token_id
+from gil_megatron.evaluation import Scorers, evaluate_policy, primary_score, summarize_scores
 from gil_megatron.experience import make_experience
 from gil_megatron.logging import MetricsLogger
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
@@ -310,40 +311,25 @@ class PPOTrainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
-        """Greedy responses on each held-out set: reward (and gold), per known group and worst group."""
-        greedy = SamplingSettings(**{**self.sampling.__dict__, "greedy": True})
+        """Greedy responses on each held-out set (evaluation.evaluate_policy, the one eval path): the
+        trained-on reward, gold when known, per known group and the worst group of the primary score."""
+        scorers = Scorers(self.tokenizer, self.pad_id, reward_model=self.reward_model, reward_fn=self.reward_fn,
+                          gold_fn=self.gold_fn)
+        greedy = dataclasses.replace(self.sampling, greedy=True)
+        records = evaluate_policy(self.actor, self.eval_sets, scorers, greedy, batch_size=self.cfg.rollout.batch_size,
+                                  micro_batch_size=self.cfg.rollout.micro_batch_size)
+        trained_on = "reward_model" if self.reward_model is not None else "reward_fn"
+        primary = primary_score(scorers.score_names)
         out = {}
-        for name, dataset in self.eval_sets.items():
-            scores, golds, groups = [], [], []
-            for batch in eval_batches(dataset, self.cfg.rollout.batch_size, pad_token_id=self.pad_id,
-                                      dp_rank=self.layout.dp_rank, dp_size=self.dp):
-                rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device), greedy,
-                                   torch.Generator().manual_seed(0))
-                prompts, responses = decode_rollout(self.tokenizer, rollout)
-                if self.reward_model is not None:
-                    s = score_reward_model(self.reward_model, rollout.sequences, rollout.lengths,
-                                           self.cfg.rollout.micro_batch_size).cpu()
-                else:
-                    s = self.reward_fn.shared(prompts, responses)
-                valid = batch.valid
-                scores.append(s[valid])
-                if self.gold_fn is not None:
-                    golds.append(self.gold_fn.shared(prompts, responses)[valid])
-                groups += [g for g, v in zip(batch.groups, valid.tolist()) if v]
-            score = _gather_dp_cat(torch.cat(scores))
-            gold = _gather_dp_cat(torch.cat(golds)) if golds else None
-            groups = _gather_dp_objects(groups)
-            out[f"eval/{name}/reward"] = float(score.mean())
-            target = gold if gold is not None else score
-            if gold is not None:
-                out[f"eval/{name}/gold"] = float(gold.mean())
-            per_group = {}
-            for g in sorted({g for g in groups if g is not None}):
-                sel = torch.tensor([x == g for x in groups])
-                per_group[g] = float(target[sel].mean())
-                out[f"eval/{name}/group/{g}"] = per_group[g]
-            if per_group:
-                out[f"eval/{name}/worst_group"] = min(per_group.values())
+        for name, recs in records.items():
+            out[f"eval/{name}/reward"] = sum(r[trained_on] for r in recs) / len(recs)
+            if self.gold_fn is not None:
+                out[f"eval/{name}/gold"] = sum(r["gold"] for r in recs) / len(recs)
+            summary = summarize_scores([r[primary] for r in recs], [r["group"] for r in recs])
+            for g, value in summary.get("known_groups", {}).items():
+                out[f"eval/{name}/group/{g}"] = value
+            if "worst_known" in summary:
+                out[f"eval/{name}/worst_group"] = summary["worst_known"]
         return out
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -494,25 +480,6 @@ def sync_metrics_to_rank0(metrics: Dict[str, float]) -> Dict[str, float]:
     merged = dict(obj[0])
     merged.update({k: v for k, v in metrics.items() if k not in merged})
     return merged
-
-
-def _gather_dp_cat(t: torch.Tensor) -> torch.Tensor:
-    group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return t
-    parts = _gather_dp_objects(t)
-    return torch.cat(parts)
-
-
-def _gather_dp_objects(obj):
-    group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return obj
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    if isinstance(obj, list):
-        return [x for part in out for x in part]
-    return out
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
