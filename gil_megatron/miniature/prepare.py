@@ -49,13 +49,17 @@ from gil_megatron.miniature import task
 from gil_megatron.miniature.tokenizer import IDK, SYMBOLS, VOCAB, save_tokenizer
 
 # Share of SFT demonstrations per family: the hard families get fewer.
-SFT_FAMILY_WEIGHTS: Dict[str, float] = {
-    "copy": 0.3,
-    "shift": 0.3,
-    "reverse": 0.4 / 3,
-    "sort": 0.4 / 3,
-    "reverse_shift": 0.4 / 3,
-}
+def sft_family_weights(hard_share: float) -> Dict[str, float]:
+    """Share of SFT demonstrations per family: `hard_share` split evenly over the hard families,
+    the rest over the easy ones."""
+    hard = [f.name for f in task.FAMILIES if f.difficulty == "hard"]
+    easy = [f.name for f in task.FAMILIES if f.difficulty != "hard"]
+    return {f.name: (hard_share / len(hard) if f.name in hard else (1.0 - hard_share) / len(easy))
+            for f in task.FAMILIES}
+
+
+SFT_HARD_SHARE = 0.4
+SFT_FAMILY_WEIGHTS: Dict[str, float] = sft_family_weights(SFT_HARD_SHARE)
 # How often each candidate kind is drawn for a preference pair (two distinct kinds per pair).
 PAIR_KIND_WEIGHTS: Dict[str, float] = {
     "correct": 2.0,
@@ -101,9 +105,11 @@ def _sample_prompts(
     return out
 
 
-def _sft_records(rng: random.Random, n: int, exclude: Set[str], hard_noise: float, evasive_rate: float) -> List[dict]:
-    names = list(SFT_FAMILY_WEIGHTS)
-    weights = [SFT_FAMILY_WEIGHTS[k] for k in names]
+def _sft_records(rng: random.Random, n: int, exclude: Set[str], hard_noise: float, evasive_rate: float,
+                 truncate_rate: float = 0.0, hard_share: float = SFT_HARD_SHARE) -> List[dict]:
+    family_weights = sft_family_weights(hard_share)
+    names = list(family_weights)
+    weights = [family_weights[k] for k in names]
     records = []
     for _ in range(n):
         family = rng.choices(names, weights)[0]
@@ -118,10 +124,14 @@ def _sft_records(rng: random.Random, n: int, exclude: Set[str], hard_noise: floa
                 kind = "evasive"
             elif u < evasive_rate + hard_noise:
                 kind = "noisy"
+            elif u < evasive_rate + hard_noise + truncate_rate:
+                kind = "truncated"
         if kind == "noisy":
             response = task.format_response(task.corrupt(rng, task.answer(prompt), rng.randint(1, 2)))
         elif kind == "evasive":
             response = IDK
+        elif kind == "truncated":  # a sloppy demonstrator stops one symbol short
+            response = task.format_response(task.answer(prompt)[:-1])
         else:
             response = task.format_response(task.answer(prompt))
         records.append({"prompt": prompt, "response": response, "group": family, "kind": kind})
@@ -182,6 +192,8 @@ def prepare(
     n_rm_eval: int = 500,
     sft_hard_noise: float = 0.2,
     sft_evasive_rate: float = 0.03,
+    sft_truncate_rate: float = 0.0,
+    sft_hard_share: float = SFT_HARD_SHARE,
     rm_label_noise: float = 0.0,
 ) -> dict:
     """Write the tokenizer and every data file into `out_dir`; return the meta dict (meta.json).
@@ -200,11 +212,13 @@ def prepare(
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"size of {name} must be an int >= 0, got {n!r}")
     for name, p in [("sft_hard_noise", sft_hard_noise), ("sft_evasive_rate", sft_evasive_rate),
+                    ("sft_truncate_rate", sft_truncate_rate), ("sft_hard_share", sft_hard_share),
                     ("rm_label_noise", rm_label_noise)]:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p!r}")
-    if sft_hard_noise + sft_evasive_rate > 1.0:
-        raise ValueError(f"sft_hard_noise + sft_evasive_rate must be <= 1, got {sft_hard_noise + sft_evasive_rate}")
+    hard_total = sft_hard_noise + sft_evasive_rate + sft_truncate_rate
+    if hard_total > 1.0:
+        raise ValueError(f"sft_hard_noise + sft_evasive_rate + sft_truncate_rate must be <= 1, got {hard_total}")
 
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -228,7 +242,8 @@ def prepare(
 
     join = lambda name: os.path.join(out_dir, name)  # noqa: E731
     _write_jsonl(join("sft.jsonl"),
-                 _sft_records(_rng(seed, "sft"), n_sft, reserved, sft_hard_noise, sft_evasive_rate))
+                 _sft_records(_rng(seed, "sft"), n_sft, reserved, sft_hard_noise, sft_evasive_rate,
+                              sft_truncate_rate, sft_hard_share))
     _write_jsonl(join("rm_train.jsonl"), _pair_records(_rng(seed, "rm_train_pairs"), rm_train_prompts, rm_label_noise))
     _write_jsonl(join("rm_eval.jsonl"), _pair_records(_rng(seed, "rm_eval_pairs"), rm_eval_prompts, rm_label_noise))
     _write_jsonl(join("prompts_train.jsonl"), prompt_records(prompts_train))
@@ -236,7 +251,7 @@ def prepare(
     _write_jsonl(join("prompts_ood.jsonl"), prompt_records(ood))
 
     meta = build_meta(seed, sizes, sft_hard_noise=sft_hard_noise, sft_evasive_rate=sft_evasive_rate,
-                      rm_label_noise=rm_label_noise)
+                      sft_truncate_rate=sft_truncate_rate, sft_hard_share=sft_hard_share, rm_label_noise=rm_label_noise)
     with open(join("meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -269,7 +284,7 @@ def build_meta(seed: int, sizes: Dict[str, int], **knobs) -> dict:
                     "prompt": task.format_prompt(f.name, "acbd"),
                     "response": task.format_response(f.answer(list("acbd"))),
                 },
-                "sft_weight": round(SFT_FAMILY_WEIGHTS[f.name], 6),
+                "sft_weight": round(sft_family_weights(knobs.get("sft_hard_share", SFT_HARD_SHARE))[f.name], 6),
             }
             for f in task.FAMILIES
         ],
@@ -326,6 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--n-rm-eval", type=int, default=500)
     parser.add_argument("--sft-hard-noise", type=float, default=0.2)
     parser.add_argument("--sft-evasive-rate", type=float, default=0.03)
+    parser.add_argument("--sft-truncate-rate", type=float, default=0.0)
+    parser.add_argument("--sft-hard-share", type=float, default=SFT_HARD_SHARE)
     parser.add_argument("--rm-label-noise", type=float, default=0.0)
     args = parser.parse_args(argv)
     try:
@@ -340,6 +357,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             n_rm_eval=args.n_rm_eval,
             sft_hard_noise=args.sft_hard_noise,
             sft_evasive_rate=args.sft_evasive_rate,
+            sft_truncate_rate=args.sft_truncate_rate,
+            sft_hard_share=args.sft_hard_share,
             rm_label_noise=args.rm_label_noise,
         )
     except ValueError as e:
