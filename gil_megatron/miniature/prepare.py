@@ -16,22 +16,25 @@ writes, in about a second on one CPU core:
 Design of the data (see task.py for the language and the rewards):
 - SFT demonstrations are imperfect on purpose, so that SFT ends good at easy families and poor at
   hard ones, as RLHF's real starting point is: hard families get fewer demos
-  (SFT_FAMILY_WEIGHTS), a fraction `sft_hard_noise` of hard demos has 1-2 wrong symbols, and a
-  fraction `sft_evasive_rate` of hard demos answers `idk`, so the policy can discover evasion.
-  SFT prompts use the full alphabet, held-out symbols included.
+  (`sft_hard_share` of them, split evenly: SFT_FAMILY_WEIGHTS), and the hard-family demonstrators
+  are sloppy: a fraction `sft_truncate_rate` (0.6) of hard demos stops one symbol short, a
+  fraction `sft_hard_noise` (0.2) has 1-2 wrong symbols, and a fraction `sft_evasive_rate` (0.03)
+  answers `idk`, so the policy can discover evasion. The truncation is what gives RL headroom:
+  the SFT policy learns the hard algorithms but, greedily, stops one symbol early, while the
+  complete answer keeps a large share of its probability; a reward that pays for the whole answer
+  (the gold reward) can move it there (benchmarks/results/headroom.md). SFT prompts use the full
+  alphabet, held-out symbols included.
 - Preference pairs: two candidate responses of different kinds (correct, partial, shuffled, echo,
   wrong, bad_length, evasive) for one prompt, ranked by the flawed proxy labeller; ties are
   redrawn. `rm_label_noise` optionally flips labels. Each pair records both kinds and the gold
   margin (gold(chosen) - gold(rejected)), so the reward model's agreement with the truth can be
   measured; a negative margin is a pair where the labeller is wrong.
 - Prompt families are balanced in every prompt file; prompt order is shuffled.
-- What brief SFT on it gives (measured while building it: transformers LlamaForCausalLM, 0.4M
-  parameters, hidden 128, 2 layers, batch 64, AdamW lr 3e-3, one CPU thread, seed-0 data):
-  after ~150 steps (~12 s) sampled gold is ~0.9 on copy/shift and 0.35-0.5 on reverse, sort and
-  reverse_shift, whose sampled proxy (~0.43) is below the 0.5 that `idk` earns there, so evasion
-  pays under the proxy exactly where the policy is weak; `idk` is sampled ~1-2% of the time on
-  hard prompts. After ~750 steps (~40 s) reverse and reverse_shift are learnt too (greedy exact
-  ~0.9) and sort stays poor (gold ~0.6, exact ~0): the SFT budget sets where the gap sits.
+- What SFT on it gives (the engine's 0.30M-parameter Llama, hidden 128, 2 layers, batch 64, lr
+  3e-3, seed-0 data, TP=1): after 200 steps the hard families are not learnt (greedy gold ~0.5,
+  one symbol short); after 600 steps (examples/configs/sft_miniature.yaml) greedy gold on
+  prompts_eval is 1.0 on copy/shift, ~0.85 on reverse and reverse_shift (mostly exact but one
+  symbol short) and ~0.7 on sort: the SFT budget sets where the gap sits.
 - Disjointness: evaluation prompts (prompts_eval, rm_eval, prompts_ood) are unique and never occur
   in a training file (sft, rm_train, prompts_train). prompts_train/eval and rm_* never contain a
   held-out symbol; every prompts_ood prompt contains one.
@@ -192,7 +195,7 @@ def prepare(
     n_rm_eval: int = 500,
     sft_hard_noise: float = 0.2,
     sft_evasive_rate: float = 0.03,
-    sft_truncate_rate: float = 0.0,
+    sft_truncate_rate: float = 0.6,
     sft_hard_share: float = SFT_HARD_SHARE,
     rm_label_noise: float = 0.0,
 ) -> dict:
@@ -341,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--n-rm-eval", type=int, default=500)
     parser.add_argument("--sft-hard-noise", type=float, default=0.2)
     parser.add_argument("--sft-evasive-rate", type=float, default=0.03)
-    parser.add_argument("--sft-truncate-rate", type=float, default=0.0)
+    parser.add_argument("--sft-truncate-rate", type=float, default=0.6)
     parser.add_argument("--sft-hard-share", type=float, default=SFT_HARD_SHARE)
     parser.add_argument("--rm-label-noise", type=float, default=0.0)
     args = parser.parse_args(argv)
