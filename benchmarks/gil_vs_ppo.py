@@ -24,7 +24,8 @@ Protocols (--protocol; `--list` prints every arm):
     gil_v2    the pre-registered comparison: ppo and gil at ppo.kl_coef in {0.02, 0.05, 0.1}, seeds
               101-105; controls at the config's kl_coef, seeds 101-103 (gil_v1, gil_no_invariance,
               gil_no_adaptive_kl, gil_known, gil_shuffled_weights, gil_response_whitened); reference
-              rows ppo_gold (PPO on the true reward, seeds 101-103) and the SFT start. 40 runs.
+              rows ppo_gold (PPO on the true reward, seeds 101-103) and the SFT start: 51 training
+              runs and one evaluation.
     v1        the first table: ppo, ppo_no_kl, gil, gil_no_adaptive_kl, gil_no_invariance x seeds 1-3,
               SFT and DPO.
     headroom  PPO on the true reward, seeds 1-3, and the SFT start (benchmarks/results/headroom.md).
@@ -34,7 +35,7 @@ Hardware: a 2-core CPU. Runs are sequential (one training job at a time) inside 
 (one thread per rank); finished runs are skipped on a re-launch. Default layout TP=1 on 1 rank:
 measured 261 iterations/min against 152 for TP=2 on 2 ranks (`--measure-layouts`), since at this
 size the per-layer gloo all-reduces cost more than the halved matmuls save.
-Command:   python benchmarks/gil_vs_ppo.py --protocol gil_v2   (40 runs x 300 iterations)
+Command:   python benchmarks/gil_vs_ppo.py --protocol gil_v2   (51 runs x 300 iterations)
            python benchmarks/gil_vs_ppo.py --quick             (smoke: 4 jobs, 3 iterations, 40 prompts)
            python benchmarks/gil_vs_ppo.py --protocol v1       (the first table)
            python benchmarks/gil_vs_ppo.py --measure-layouts   (iterations/min at TP1xNPROC1 vs TP2xNPROC2)
@@ -639,8 +640,12 @@ def win_tie_lose_tables(args, plan) -> dict:
     pooled over the paired seeds."""
     from gil_megatron.evaluation import compare_policies
 
+    from omegaconf import OmegaConf
+
     names = [a.name for a in args.arm_list]
-    default_ppo = next((n for n in ("ppo_kl0.05", "ppo") if n in names), None)
+    default_kl = OmegaConf.load(plan["config"]).get("ppo", {}).get("kl_coef")  # the controls' kl_coef
+    default_ppo = next((n for n in (f"ppo_kl{default_kl:g}" if default_kl is not None else "", "ppo")
+                        if n in names), None)
     out = {}
     for arm in args.arm_list:
         if not arm.trains or arm.algo == "ppo" or arm.algo == "ppo_no_kl":

@@ -194,7 +194,10 @@ def test_sft_is_imperfect_on_hard_families_and_shows_evasion(tmp_path):
     assert len(hard) < len(easy)
     assert all(task.gold_score(r["prompt"], r["response"]) == 1.0 for r in easy)
     wrong = [r for r in hard if task.gold_score(r["prompt"], r["response"]) < 1.0]
-    assert 0.1 < len(wrong) / len(hard) < 0.4
+    # the defaults: 60% one symbol short + 20% with wrong symbols + 3% idk
+    assert 0.75 < len(wrong) / len(hard) < 0.9
+    short = [r for r in hard if r["kind"] == "truncated"]
+    assert 0.5 < len(short) / len(hard) < 0.7
     assert any(r["response"] == IDK for r in hard)
 
 
