@@ -16,22 +16,25 @@ writes, in about a second on one CPU core:
 Design of the data (see task.py for the language and the rewards):
 - SFT demonstrations are imperfect on purpose, so that SFT ends good at easy families and poor at
   hard ones, as RLHF's real starting point is: hard families get fewer demos
-  (SFT_FAMILY_WEIGHTS), a fraction `sft_hard_noise` of hard demos has 1-2 wrong symbols, and a
-  fraction `sft_evasive_rate` of hard demos answers `idk`, so the policy can discover evasion.
-  SFT prompts use the full alphabet, held-out symbols included.
+  (`sft_hard_share` of them, split evenly: SFT_FAMILY_WEIGHTS), and the hard-family demonstrators
+  are sloppy: a fraction `sft_truncate_rate` (0.6) of hard demos stops one symbol short, a
+  fraction `sft_hard_noise` (0.2) has 1-2 wrong symbols, and a fraction `sft_evasive_rate` (0.03)
+  answers `idk`, so the policy can discover evasion. The truncation is what gives RL headroom:
+  the SFT policy learns the hard algorithms but, greedily, stops one symbol early, while the
+  complete answer keeps a large share of its probability; a reward that pays for the whole answer
+  (the gold reward) can move it there (benchmarks/results/headroom.md). SFT prompts use the full
+  alphabet, held-out symbols included.
 - Preference pairs: two candidate responses of different kinds (correct, partial, shuffled, echo,
   wrong, bad_length, evasive) for one prompt, ranked by the flawed proxy labeller; ties are
   redrawn. `rm_label_noise` optionally flips labels. Each pair records both kinds and the gold
   margin (gold(chosen) - gold(rejected)), so the reward model's agreement with the truth can be
   measured; a negative margin is a pair where the labeller is wrong.
 - Prompt families are balanced in every prompt file; prompt order is shuffled.
-- What brief SFT on it gives (measured while building it: transformers LlamaForCausalLM, 0.4M
-  parameters, hidden 128, 2 layers, batch 64, AdamW lr 3e-3, one CPU thread, seed-0 data):
-  after ~150 steps (~12 s) sampled gold is ~0.9 on copy/shift and 0.35-0.5 on reverse, sort and
-  reverse_shift, whose sampled proxy (~0.43) is below the 0.5 that `idk` earns there, so evasion
-  pays under the proxy exactly where the policy is weak; `idk` is sampled ~1-2% of the time on
-  hard prompts. After ~750 steps (~40 s) reverse and reverse_shift are learnt too (greedy exact
-  ~0.9) and sort stays poor (gold ~0.6, exact ~0): the SFT budget sets where the gap sits.
+- What SFT on it gives (the engine's 0.30M-parameter Llama, hidden 128, 2 layers, batch 64, lr
+  3e-3, seed-0 data, TP=1): after 200 steps the hard families are not learnt (greedy gold ~0.5,
+  one symbol short); after 600 steps (examples/configs/sft_miniature.yaml) greedy gold on
+  prompts_eval is 1.0 on copy/shift, ~0.85 on reverse and reverse_shift (mostly exact but one
+  symbol short) and ~0.7 on sort: the SFT budget sets where the gap sits.
 - Disjointness: evaluation prompts (prompts_eval, rm_eval, prompts_ood) are unique and never occur
   in a training file (sft, rm_train, prompts_train). prompts_train/eval and rm_* never contain a
   held-out symbol; every prompts_ood prompt contains one.
@@ -49,13 +52,17 @@ from gil_megatron.miniature import task
 from gil_megatron.miniature.tokenizer import IDK, SYMBOLS, VOCAB, save_tokenizer
 
 # Share of SFT demonstrations per family: the hard families get fewer.
-SFT_FAMILY_WEIGHTS: Dict[str, float] = {
-    "copy": 0.3,
-    "shift": 0.3,
-    "reverse": 0.4 / 3,
-    "sort": 0.4 / 3,
-    "reverse_shift": 0.4 / 3,
-}
+def sft_family_weights(hard_share: float) -> Dict[str, float]:
+    """Share of SFT demonstrations per family: `hard_share` split evenly over the hard families,
+    the rest over the easy ones."""
+    hard = [f.name for f in task.FAMILIES if f.difficulty == "hard"]
+    easy = [f.name for f in task.FAMILIES if f.difficulty != "hard"]
+    return {f.name: (hard_share / len(hard) if f.name in hard else (1.0 - hard_share) / len(easy))
+            for f in task.FAMILIES}
+
+
+SFT_HARD_SHARE = 0.4
+SFT_FAMILY_WEIGHTS: Dict[str, float] = sft_family_weights(SFT_HARD_SHARE)
 # How often each candidate kind is drawn for a preference pair (two distinct kinds per pair).
 PAIR_KIND_WEIGHTS: Dict[str, float] = {
     "correct": 2.0,
@@ -101,9 +108,11 @@ def _sample_prompts(
     return out
 
 
-def _sft_records(rng: random.Random, n: int, exclude: Set[str], hard_noise: float, evasive_rate: float) -> List[dict]:
-    names = list(SFT_FAMILY_WEIGHTS)
-    weights = [SFT_FAMILY_WEIGHTS[k] for k in names]
+def _sft_records(rng: random.Random, n: int, exclude: Set[str], hard_noise: float, evasive_rate: float,
+                 truncate_rate: float = 0.0, hard_share: float = SFT_HARD_SHARE) -> List[dict]:
+    family_weights = sft_family_weights(hard_share)
+    names = list(family_weights)
+    weights = [family_weights[k] for k in names]
     records = []
     for _ in range(n):
         family = rng.choices(names, weights)[0]
@@ -118,10 +127,14 @@ def _sft_records(rng: random.Random, n: int, exclude: Set[str], hard_noise: floa
                 kind = "evasive"
             elif u < evasive_rate + hard_noise:
                 kind = "noisy"
+            elif u < evasive_rate + hard_noise + truncate_rate:
+                kind = "truncated"
         if kind == "noisy":
             response = task.format_response(task.corrupt(rng, task.answer(prompt), rng.randint(1, 2)))
         elif kind == "evasive":
             response = IDK
+        elif kind == "truncated":  # a sloppy demonstrator stops one symbol short
+            response = task.format_response(task.answer(prompt)[:-1])
         else:
             response = task.format_response(task.answer(prompt))
         records.append({"prompt": prompt, "response": response, "group": family, "kind": kind})
@@ -182,6 +195,8 @@ def prepare(
     n_rm_eval: int = 500,
     sft_hard_noise: float = 0.2,
     sft_evasive_rate: float = 0.03,
+    sft_truncate_rate: float = 0.6,
+    sft_hard_share: float = SFT_HARD_SHARE,
     rm_label_noise: float = 0.0,
 ) -> dict:
     """Write the tokenizer and every data file into `out_dir`; return the meta dict (meta.json).
@@ -200,11 +215,13 @@ def prepare(
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"size of {name} must be an int >= 0, got {n!r}")
     for name, p in [("sft_hard_noise", sft_hard_noise), ("sft_evasive_rate", sft_evasive_rate),
+                    ("sft_truncate_rate", sft_truncate_rate), ("sft_hard_share", sft_hard_share),
                     ("rm_label_noise", rm_label_noise)]:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p!r}")
-    if sft_hard_noise + sft_evasive_rate > 1.0:
-        raise ValueError(f"sft_hard_noise + sft_evasive_rate must be <= 1, got {sft_hard_noise + sft_evasive_rate}")
+    hard_total = sft_hard_noise + sft_evasive_rate + sft_truncate_rate
+    if hard_total > 1.0:
+        raise ValueError(f"sft_hard_noise + sft_evasive_rate + sft_truncate_rate must be <= 1, got {hard_total}")
 
     os.makedirs(out_dir, exist_ok=True)
     save_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -228,7 +245,8 @@ def prepare(
 
     join = lambda name: os.path.join(out_dir, name)  # noqa: E731
     _write_jsonl(join("sft.jsonl"),
-                 _sft_records(_rng(seed, "sft"), n_sft, reserved, sft_hard_noise, sft_evasive_rate))
+                 _sft_records(_rng(seed, "sft"), n_sft, reserved, sft_hard_noise, sft_evasive_rate,
+                              sft_truncate_rate, sft_hard_share))
     _write_jsonl(join("rm_train.jsonl"), _pair_records(_rng(seed, "rm_train_pairs"), rm_train_prompts, rm_label_noise))
     _write_jsonl(join("rm_eval.jsonl"), _pair_records(_rng(seed, "rm_eval_pairs"), rm_eval_prompts, rm_label_noise))
     _write_jsonl(join("prompts_train.jsonl"), prompt_records(prompts_train))
@@ -236,7 +254,7 @@ def prepare(
     _write_jsonl(join("prompts_ood.jsonl"), prompt_records(ood))
 
     meta = build_meta(seed, sizes, sft_hard_noise=sft_hard_noise, sft_evasive_rate=sft_evasive_rate,
-                      rm_label_noise=rm_label_noise)
+                      sft_truncate_rate=sft_truncate_rate, sft_hard_share=sft_hard_share, rm_label_noise=rm_label_noise)
     with open(join("meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -269,7 +287,7 @@ def build_meta(seed: int, sizes: Dict[str, int], **knobs) -> dict:
                     "prompt": task.format_prompt(f.name, "acbd"),
                     "response": task.format_response(f.answer(list("acbd"))),
                 },
-                "sft_weight": round(SFT_FAMILY_WEIGHTS[f.name], 6),
+                "sft_weight": round(sft_family_weights(knobs.get("sft_hard_share", SFT_HARD_SHARE))[f.name], 6),
             }
             for f in task.FAMILIES
         ],
@@ -326,6 +344,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--n-rm-eval", type=int, default=500)
     parser.add_argument("--sft-hard-noise", type=float, default=0.2)
     parser.add_argument("--sft-evasive-rate", type=float, default=0.03)
+    parser.add_argument("--sft-truncate-rate", type=float, default=0.6)
+    parser.add_argument("--sft-hard-share", type=float, default=SFT_HARD_SHARE)
     parser.add_argument("--rm-label-noise", type=float, default=0.0)
     args = parser.parse_args(argv)
     try:
@@ -340,6 +360,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             n_rm_eval=args.n_rm_eval,
             sft_hard_noise=args.sft_hard_noise,
             sft_evasive_rate=args.sft_evasive_rate,
+            sft_truncate_rate=args.sft_truncate_rate,
+            sft_hard_share=args.sft_hard_share,
             rm_label_noise=args.rm_label_noise,
         )
     except ValueError as e:

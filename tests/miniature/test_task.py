@@ -194,7 +194,10 @@ def test_sft_is_imperfect_on_hard_families_and_shows_evasion(tmp_path):
     assert len(hard) < len(easy)
     assert all(task.gold_score(r["prompt"], r["response"]) == 1.0 for r in easy)
     wrong = [r for r in hard if task.gold_score(r["prompt"], r["response"]) < 1.0]
-    assert 0.1 < len(wrong) / len(hard) < 0.4
+    # the defaults: 60% one symbol short + 20% with wrong symbols + 3% idk
+    assert 0.75 < len(wrong) / len(hard) < 0.9
+    short = [r for r in hard if r["kind"] == "truncated"]
+    assert 0.5 < len(short) / len(hard) < 0.7
     assert any(r["response"] == IDK for r in hard)
 
 
@@ -228,3 +231,26 @@ def test_prepare_rejects_bad_sizes(tmp_path):
         prepare(str(tmp_path), sft_hard_noise=1.5)
     with pytest.raises(ValueError, match="size of sft must be"):
         prepare(str(tmp_path), n_sft=-1)
+
+
+def test_sloppy_demonstrators_stop_one_symbol_short_on_hard_families_only(tmp_path):
+    prepare(str(tmp_path), seed=0, **{**SMALL, "n_sft": 2000}, sft_truncate_rate=0.5)
+    rows = _jsonl(tmp_path / "sft.jsonl")
+    truncated = [r for r in rows if r["kind"] == "truncated"]
+    hard = [r for r in rows if task.get_family(r["group"]).difficulty == "hard"]
+    assert truncated and all(task.get_family(r["group"]).difficulty == "hard" for r in truncated)
+    assert 0.4 < len(truncated) / len(hard) < 0.6
+    for r in truncated:
+        assert r["response"].split() == task.answer(r["prompt"])[:-1]
+    with pytest.raises(ValueError, match="sft_truncate_rate must be <= 1"):
+        prepare(str(tmp_path), sft_hard_noise=0.5, sft_evasive_rate=0.1, sft_truncate_rate=0.5)
+
+
+def test_sft_hard_share_sets_the_family_mix(tmp_path):
+    prepare(str(tmp_path), seed=0, **{**SMALL, "n_sft": 3000}, sft_hard_share=0.6)
+    rows = _jsonl(tmp_path / "sft.jsonl")
+    hard = sum(task.get_family(r["group"]).difficulty == "hard" for r in rows)
+    assert 0.55 < hard / len(rows) < 0.65
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert sum(f["sft_weight"] for f in meta["families"]) == pytest.approx(1.0)
+    assert meta["knobs"]["sft_hard_share"] == 0.6
