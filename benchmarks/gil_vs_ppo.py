@@ -48,6 +48,7 @@ Batch arithmetic: the miniature config's 64 prompts per iteration, 2 mini-batche
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import os
@@ -116,13 +117,25 @@ DPO_ARM = Arm("dpo", "policy", policy="dpo", note="baseline: DPO on the same pre
 KL_GRID = (0.02, 0.05, 0.1)
 SEEDS_5, SEEDS_3 = (101, 102, 103, 104, 105), (101, 102, 103)  # fresh: earlier tables used 1-3
 
+def _known_group_overrides() -> Tuple[str, ...]:
+    """gil.known_groups for the oracle arm: easy families -> group 0, hard -> group 1."""
+    from gil_megatron.miniature.task import FAMILIES
+
+    return tuple(f"gil.known_groups.{f.name}={int(f.difficulty == 'hard')}" for f in FAMILIES)
+
+
+KNOWN_GROUPS = _known_group_overrides()
+# critic-free baselines: 16 prompts x 4 samples = the same 64 sequences per iteration
+N_SAMPLES = ("rollout.batch_size=16", "rollout.n_samples_per_prompt=4")
+
 PROTOCOLS: Dict[str, Tuple[Arm, ...]] = {
     "gil_v2": (
         *(_grid_arm(a, kl, SEEDS_5) for kl in KL_GRID for a in ("ppo", "gil")),
         Arm("gil_v1", "gil_v1", (), SEEDS_3, note="control: GIL v1 (response-level, unweighted, beta_policy 1)"),
         Arm("gil_no_invariance", "gil_no_invariance", (), SEEDS_3, note="control: adaptive KL only"),
         Arm("gil_no_adaptive_kl", "gil_no_adaptive_kl", (), SEEDS_3, note="control: invariance term only"),
-        Arm("gil_known", "gil", ("gil.inference=known",), SEEDS_3, note="control: oracle groups (known families)"),
+        Arm("gil_known", "gil", ("gil.inference=known", *KNOWN_GROUPS), SEEDS_3,
+            note="control: oracle groups (the known easy/hard families)"),
         Arm("gil_shuffled_weights", "gil_shuffled_weights", (), SEEDS_3,
             note="control: invariance weights randomly permuted within the batch"),
         Arm("gil_response_whitened", "gil", ("gil.group_level=response", "gil.performance=whitened_score"),
@@ -133,6 +146,12 @@ PROTOCOLS: Dict[str, Tuple[Arm, ...]] = {
     "v1": (
         *(Arm(a, a, (), (1, 2, 3)) for a in ("ppo", "ppo_no_kl", "gil", "gil_no_adaptive_kl", "gil_no_invariance")),
         SFT_ARM, DPO_ARM,
+    ),
+    "critic_free": (
+        Arm("grpo", "grpo", N_SAMPLES, SEEDS_3, note="baseline: GRPO (n = 4, KL in the loss)"),
+        Arm("rloo", "rloo", N_SAMPLES, SEEDS_3, note="baseline: RLOO (n = 4)"),
+        Arm("reinforce_pp", "reinforce_pp", (), SEEDS_3, note="baseline: REINFORCE++"),
+        SFT_ARM,
     ),
     "headroom": (
         Arm("ppo_gold", "ppo", (), (1, 2, 3), reward="gold", note="PPO on the TRUE reward"),
@@ -237,14 +256,14 @@ def _difficulty_map() -> Dict[str, str]:
     return {f.name: f.difficulty for f in FAMILIES}
 
 
-def _evaluate(plan, actor, tokenizer, pad_id, reward_model, reference, critic, datasets):
+def _evaluate(plan, actor, tokenizer, pad_id, reward_model, reference, critic, datasets, group_level="prompt"):
     from gil_megatron.evaluation import Scorers, evaluate_policy
     from gil_megatron.rollout import SamplingSettings
     from gil_megatron.scoring import RewardFunction
 
     scorers = Scorers(tokenizer=tokenizer, pad_token_id=pad_id, reward_model=reward_model,
                       reward_fn=RewardFunction(PROXY_FN), gold_fn=RewardFunction(GOLD_FN),
-                      reference=reference, critic=critic)
+                      reference=reference, critic=critic, group_level=group_level)
     greedy = SamplingSettings(max_new_tokens=plan["max_new_tokens"], greedy=True,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
     return evaluate_policy(actor, datasets, scorers, greedy, batch_size=plan["eval_batch_size"],
@@ -311,9 +330,10 @@ def run_worker(plan_path: str) -> None:
                 gc.collect()
                 continue
             train_s = time.perf_counter() - t0
-            critic = trainer.critic if cfg.uses_group_head else None
+            critic = trainer.critic if trainer.algo.group_inference else None
             rm = trainer.reward_model if trainer.reward_model is not None else load_rm(trainer.layout)
-            samples = _evaluate(plan, trainer.actor, tokenizer, pad_id, rm, trainer.reference, critic, datasets)
+            samples = _evaluate(plan, trainer.actor, tokenizer, pad_id, rm, trainer.reference, critic, datasets,
+                                group_level=trainer.params.group_level)
             extra = {"job": job, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s,
                      "iterations": trainer.iteration}
             del trainer, rm
@@ -463,7 +483,9 @@ def launch(args, plan: dict) -> int:
         shutil.rmtree(job["run_dir"], ignore_errors=True)
     plan = {**plan, "jobs": pending}
     os.makedirs(args.workdir, exist_ok=True)
-    plan_path = os.path.abspath(os.path.join(args.workdir, "plan.json"))
+    # one plan file per set of jobs: several launches on disjoint --arms may share a workdir
+    tag = hashlib.sha1(" ".join(j["name"] for j in pending).encode()).hexdigest()[:8]
+    plan_path = os.path.abspath(os.path.join(args.workdir, f"plan_{tag}.json"))
     with open(plan_path, "w") as f:
         json.dump(plan, f, indent=1)
     print(f"[gil_vs_ppo] {len(pending)} job(s): {', '.join(j['name'] for j in pending)} "
