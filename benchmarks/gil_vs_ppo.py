@@ -35,8 +35,12 @@ Hardware: a 2-core CPU. Runs are sequential (one training job at a time) inside 
 (one thread per rank); finished runs are skipped on a re-launch. Default layout TP=1 on 1 rank:
 measured 261 iterations/min against 152 for TP=2 on 2 ranks (`--measure-layouts`), since at this
 size the per-layer gloo all-reduces cost more than the halved matmuls save.
-Command:   python benchmarks/gil_vs_ppo.py --protocol gil_v2   (51 runs x 300 iterations)
+Command:   python benchmarks/gil_vs_ppo.py --protocol gil_v2   (51 runs x 300 iterations, see below)
            python benchmarks/gil_vs_ppo.py --quick             (smoke: 4 jobs, 3 iterations, 40 prompts)
+Time: the v1 table ran 17 jobs in 20.9 min (1.2 min per run, load average 1.4), so gil_v2 needs
+about 51 x 1.2 = 65 min on an otherwise idle 2-core VM; PPO runs of the frozen miniature took
+2.4-4.6 min each (train + eval) at load average 10-21, i.e. ~3.5 h for gil_v2 on a busy machine.
+--quick used 39 s of CPU (3.4 min wall at load average 21).
            python benchmarks/gil_vs_ppo.py --protocol v1       (the first table)
            python benchmarks/gil_vs_ppo.py --measure-layouts   (iterations/min at TP1xNPROC1 vs TP2xNPROC2)
 It reuses the embedded default's data, SFT policy and reward model (runs/miniature/...), running
@@ -849,7 +853,7 @@ def write_results(args, plan, agg, timing: dict, layout_note: str) -> str:
         "",
         "Arms: " + "; ".join(f"`{a.name}` = algo {a.algo}" + (f" {' '.join(a.overrides)}" if a.overrides else "")
                              + (" on the TRUE reward" if a.reward == "gold" and a.trains else "")
-                             + (f", seeds {a.seeds[0]}-{a.seeds[-1]}" if a.seeds else "") for a in args.arm_list) + ".",
+                             + (f", seeds {a.seeds[0]}-{a.seeds[-1]}" if len(a.seeds) > 1 else f", seed {a.seeds[0]}" if a.seeds else "") for a in args.arm_list) + ".",
         "",
         "Evaluation: greedy responses on the held-out eval prompts and the OOD prompts (held-out symbols), "
         f"{'first ' + str(args.eval_limit) + ' prompts of each set, ' if args.eval_limit else ''}"

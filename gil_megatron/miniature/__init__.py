@@ -2,7 +2,7 @@
 
 Five prompt families of different difficulty (the known groups), a gold reward, a proxy reward
 with planted flaws, held-out symbols for OOD evaluation, and a tokenizer the repo builds.
-See task.py for the language and rewards and prepare.py for the data files; DESIGN.md section 7.
+See task.py for the language and rewards and prepare.py for the data files; docs/design.md.
 
     python -m gil_megatron.miniature.prepare --out-dir runs/miniature/data --seed 0
     from gil_megatron.miniature.prepare import prepare   # the same, from Python
