@@ -85,6 +85,7 @@ def main(argv=None):
     distributed.destroy()
     if diff is not None and not diff <= args.tolerance:
         sys.exit(1)
+    return diff
 
 
 if __name__ == "__main__":
