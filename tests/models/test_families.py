@@ -24,7 +24,10 @@ FAMILIES = {
     "qwen2_tied_odd_vocab": (Qwen2Config, dict(vocab_size=1001, tie_word_embeddings=True)),
     "mistral": (MistralConfig, dict(vocab_size=100, sliding_window=None)),
 }
-LAYOUTS = [(2, 1), (1, 2), (2, 2)]
+# scaled RoPE through the KV cache (positions offset step by step): greedy tokens at TP2xPP2
+GENERATE = ("llama3", "llama_linear")
+PROMPT_LENGTHS = (7, 4)
+MAX_NEW = 6
 
 
 def make_hf(path, name: str, seed: int = 0) -> str:
@@ -51,15 +54,16 @@ def read_all(hf_dir):
     return out
 
 
-def _logits_all_layouts(ckpts, ids):
+def _logits_all_layouts(ckpts, ids, layouts):
     """4 ranks visit each layout (dp = 4 / (tp * pp)); every model of every family per layout."""
     from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
     from gil_megatron.models.weights import arch_of
+    from gil_megatron.rollout import SamplingSettings, generate
 
     out = {}
-    for tp, pp in LAYOUTS:
+    for tp, pp in layouts:
         layout = distributed.initialize(tp, pp, seed=1)
         for name, by_layout in ckpts.items():
             ckpt = by_layout[(tp, pp)]
@@ -70,29 +74,52 @@ def _logits_all_layouts(ckpts, ids):
                 logits = gather_vocab_shards(outs[0]["output"])[..., :arch.vocab_size] if outs else None
                 (logits,) = broadcast_from_last_stage([logits] if logits is not None else None)
             out[(name, tp, pp)] = logits
+            if (tp, pp) == (2, 2) and name in GENERATE:
+                lengths = torch.tensor(PROMPT_LENGTHS)
+                rollout = generate(model, ids[:, :max(PROMPT_LENGTHS)], lengths,
+                                   SamplingSettings(max_new_tokens=MAX_NEW, greedy=True))
+                out[(name, "greedy")] = [rollout.sequences[r][rollout.response_mask[r].bool()].tolist()
+                                         for r in range(len(PROMPT_LENGTHS))]
     return out
 
 
-def test_families_match_transformers_at_every_layout(tmp_path):
+def test_families_match_transformers_at_tp2_pp2(tmp_path):
+    """TP2xPP2 (both splits at once), logits and greedy generation: the quick check."""
+    _check_layouts(tmp_path, [(2, 2)])
+
+
+@pytest.mark.slow
+def test_families_match_transformers_at_tp2_and_pp2(tmp_path):
+    _check_layouts(tmp_path, [(2, 1), (1, 2)])
+
+
+def _check_layouts(tmp_path, layouts):
     from gil_megatron.models.convert import hf_to_megatron
 
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    expected, ckpts = {}, {}
+    expected, ckpts, greedy = {}, {}, {}
     for name in FAMILIES:
         hf_dir = make_hf(tmp_path / name, name)
         with torch.no_grad():
-            expected[name] = AutoModelForCausalLM.from_pretrained(hf_dir).float()(ids).logits
+            hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+            expected[name] = hf_model(ids).logits
+            if name in GENERATE and (2, 2) in layouts:
+                greedy[name] = [hf_model.generate(ids[r:r + 1, :n], max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                                  do_sample=False)[0, n:].tolist()
+                                for r, n in enumerate(PROMPT_LENGTHS)]
         ckpts[name] = {}
-        for tp, pp in LAYOUTS:
+        for tp, pp in layouts:
             ckpts[name][(tp, pp)] = str(tmp_path / f"{name}_tp{tp}_pp{pp}")
             hf_to_megatron(hf_dir, ckpts[name][(tp, pp)], tp, pp)
-    per_rank = spawn(_logits_all_layouts, 4, ckpts, ids)
+    per_rank = spawn(_logits_all_layouts, 4, ckpts, ids, layouts)
     for name in FAMILIES:
-        for tp, pp in LAYOUTS:
+        for tp, pp in layouts:
             for rank, result in enumerate(per_rank):
                 err = (result[(name, tp, pp)] - expected[name]).abs().max().item()
                 print(f"parity {name} tp={tp} pp={pp} rank={rank} max_abs_diff={err:.2e}")
                 assert err < 1e-4, (name, tp, pp, rank, err)
+    for name in greedy:
+        assert all(r[(name, "greedy")] == greedy[name] for r in per_rank), (name, greedy[name], per_rank[0][(name, "greedy")])
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
