@@ -123,13 +123,17 @@ def test_export_ships_the_checkpoints_own_tokenizer(tmp_path, capsys):
     assert json.load(open(tmp_path / "out" / "config.json"))["eos_token_id"] == 0
 
 
-def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path):
+def test_export_refuses_a_wrong_tokenizer_or_a_training_checkpoint(tmp_path):
     import pytest
 
     tok_dir = build_tokenizer(tmp_path / "tok")
     hf_dir = make_hf_model(tmp_path / "hf", 200)
-    convert_hf_checkpoint.main(["--load-dir", hf_dir, "--save-dir", str(tmp_path / "ckpt")])
+    ckpt = str(tmp_path / "iter_0000010" / "actor")  # a training checkpoint's layout
+    convert_hf_checkpoint.main(["--load-dir", hf_dir, "--save-dir", ckpt])
     with pytest.raises(ValueError, match="has 300 tokens but the model's vocab_size is 200"):
-        convert_hf_checkpoint.main(["--to-hf", "--load-dir", str(tmp_path / "ckpt"), "--save-dir",
-                                    str(tmp_path / "out"), "--tokenizer-dir", tok_dir])
+        convert_hf_checkpoint.main(["--to-hf", "--load-dir", ckpt, "--save-dir", str(tmp_path / "out"),
+                                    "--tokenizer-dir", tok_dir])
+    with pytest.raises(ValueError, match=f"holding actor: pass one model directory, e.g. {ckpt}"):
+        convert_hf_checkpoint.main(["--to-hf", "--load-dir", str(tmp_path / "iter_0000010"), "--save-dir",
+                                    str(tmp_path / "out")])
     assert not os.path.exists(tmp_path / "out")
