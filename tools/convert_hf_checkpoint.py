@@ -1,14 +1,21 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama checkpoint to gil_megatron's TP/PP shards, or back.
+"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint to gil_megatron's TP/PP shards, or back.
 
-    python tools/convert_hf_checkpoint.py --load-dir HF_DIR --save-dir OUT \
+    python tools/convert_hf_checkpoint.py --load-dir HF_DIR --save-dir OUT \\
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 2 [--model-type actor|critic|reward]
-    python tools/convert_hf_checkpoint.py --to-hf --load-dir OUT --save-dir HF_DIR2
+    python tools/convert_hf_checkpoint.py --to-hf --load-dir RUN/checkpoints/iter_0000040/actor \\
+        --save-dir HF_OUT [--tokenizer-dir TOKENIZER_DIR]
 
+Families: Llama (plain RoPE or rope_scaling llama3 / linear), Mistral (full attention), Qwen2 and
+Qwen2.5 (q/k/v bias, tied or untied embeddings); anything else is refused with one line.
 Reads config.json and safetensors (single file or sharded index) one tensor at a time, so peak
 memory stays near one output shard. A critic or reward model can start from a
-LlamaForSequenceClassification checkpoint or from a causal LM (fresh heads; the output says which).
+...ForSequenceClassification checkpoint or from a causal LM (fresh heads; the output says which).
 The output directory appears atomically when conversion has fully succeeded.
+
+--to-hf writes a directory that AutoModelForCausalLM and AutoTokenizer load: the checkpoint's
+tokenizer files and chat template (or --tokenizer-dir's when the checkpoint has none) and the
+bos/eos/pad ids in config.json and generation_config.json.
 """
 
 import argparse
@@ -22,7 +29,7 @@ from gil_megatron.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="HF directory (or ours with --to-hf)")
     p.add_argument("--save-dir", required=True, help="output directory (replaced atomically)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
@@ -31,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--num-groups", type=int, default=2, help="critic: GIL group-head outputs")
     p.add_argument("--seed", type=int, default=0, help="seed for freshly initialised heads")
     p.add_argument("--to-hf", action="store_true", help="convert our checkpoint back to HF")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="--to-hf: tokenizer to ship when the checkpoint carries none")
     return p.parse_args(argv)
 
 
@@ -41,7 +50,7 @@ def main(argv=None):
     start = time.time()
     progress = lambda msg: print(f"[convert {time.time() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     if args.to_hf:
-        megatron_to_hf(args.load_dir, args.save_dir, progress=progress)
+        print(megatron_to_hf(args.load_dir, args.save_dir, progress=progress, tokenizer_dir=args.tokenizer_dir))
         print(f"saved HF checkpoint to {args.save_dir}")
         return
     note = hf_to_megatron(

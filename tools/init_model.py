@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a freshly initialised Llama model directory (our format), ready for tools/train_sft.py.
+r"""Write a freshly initialised Llama model directory (our format), ready for tools/train_sft.py.
 
     python tools/init_model.py --save-dir runs/miniature/init --tokenizer runs/miniature/data/tokenizer \
         --hidden-size 128 --intermediate-size 256 --num-layers 2 --num-attention-heads 4 \
@@ -21,7 +21,7 @@ from gil_megatron.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save-dir", required=True, help="output model directory (replaced atomically)")
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (sets the vocab size)")
     p.add_argument("--hidden-size", type=int, required=True)
@@ -52,11 +52,11 @@ def count_parameters(arch, role: str) -> int:
 
 
 def main(argv=None):
+    args = parse_args(argv)  # first: --help and usage errors answer without importing megatron
     from gil_megatron.models.build import load_tokenizer
     from gil_megatron.models.config import ROLES, LlamaArchConfig
     from gil_megatron.models.convert import copy_tokenizer_files, save_fresh_model
 
-    args = parse_args(argv)
     if args.role not in ROLES:
         raise ValueError(f"--role {args.role!r} is not one of {list(ROLES)}")
     tokenizer = load_tokenizer(args.tokenizer)

@@ -19,13 +19,13 @@ from gil_megatron.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="our sharded checkpoint")
     p.add_argument("--hf-dir", required=True, help="the Hugging Face directory to compare with")
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |difference| (exit 1 above it)")
+    p.add_argument("--batch-size", type=int, default=2, help="rows of the random test batch")
+    p.add_argument("--seq-length", type=int, default=32, help="tokens per row")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     return p.parse_args(argv)
 
 
@@ -44,6 +44,7 @@ def hf_outputs(hf_dir: str, role: str, ids):
 
 
 def main(argv=None):
+    args = parse_args(argv)  # first: --help and usage errors answer without importing megatron
     import torch
     import torch.distributed as dist
 
@@ -52,7 +53,6 @@ def main(argv=None):
     from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
     from gil_megatron.models.weights import arch_of
 
-    args = parse_args(argv)
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         raise FileNotFoundError(f"--hf-dir {args.hf_dir}: no config.json (not a Hugging Face model directory)")
     arch, role, tp, pp = arch_of(args.load_dir)
@@ -85,6 +85,7 @@ def main(argv=None):
     distributed.destroy()
     if diff is not None and not diff <= args.tolerance:
         sys.exit(1)
+    return diff
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The Llama architecture as a small typed config, read from / written to HF config.json."""
+"""The Llama architecture as a small typed config, read from / written to HF config.json.
+
+Three HF families share it: Llama (incl. Llama-3.x rope_scaling), Mistral (full attention) and
+Qwen2/Qwen2.5 (q/k/v bias). Everything else in a config.json that would change the model is refused.
+"""
 
 import dataclasses
 import json
@@ -11,6 +15,34 @@ ROLES = ("actor", "critic", "reward")
 
 class LayoutError(ValueError):
     """A tensor/pipeline layout that this model cannot be split into."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A Hugging Face model family that maps onto our Llama trunk."""
+
+    causal_lm: str
+    """HF class of the actor (config.json ``architectures``)."""
+    sequence_classifier: str
+    """HF class of the reward model / critic (a ``score`` head on the trunk)."""
+    qkv_bias: bool
+    """q/k/v projections carry a bias (megatron's add_qkv_bias); o_proj and the MLP never do."""
+
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", "LlamaForSequenceClassification", qkv_bias=False),
+    "mistral": Family("MistralForCausalLM", "MistralForSequenceClassification", qkv_bias=False),
+    "qwen2": Family("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True),
+}
+
+# rope_type -> the keys it needs (besides rope_type); megatron-core 0.19's RotaryEmbedding has
+# exactly these: plain, linear position interpolation (seq_len_interpolation_factor) and Llama-3's
+# frequency-band scaling. "dynamic" (NTK) has no megatron counterpart; "yarn" has one whose
+# attention scaling differs from transformers', so neither is accepted.
+ROPE_TYPES = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass
@@ -34,6 +66,16 @@ class LlamaArchConfig:
     num_groups: int = 2
     """Critic only: outputs of the GIL group-classifier head."""
     rope_scaling: Optional[Dict[str, Any]] = field(default=None)
+    """None for plain RoPE, else {"rope_type": "linear" | "llama3", and that type's keys, see
+    ROPE_TYPES}; the same keys as HF's config.json ``rope_scaling``."""
+    model_type: str = "llama"
+    """HF family (a key of FAMILIES): decides the q/k/v bias and the class names on export."""
+    bos_token_id: Optional[int] = None
+    """Special token ids of the source config.json, written back on export (the tokenizer's own
+    ids win when the exported directory carries a tokenizer)."""
+    eos_token_id: Optional[Any] = None
+    """An id or a list of ids (Llama-3 instruct models stop on several)."""
+    pad_token_id: Optional[int] = None
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -47,11 +89,18 @@ class LlamaArchConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"model_type={self.model_type!r} is not one of {sorted(FAMILIES)}")
         if self.rope_scaling is not None:
-            raise ValueError(
-                f"rope_scaling={self.rope_scaling} is not supported yet; only plain RoPE "
-                "(rope_scaling null) converts exactly"
-            )
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.family.qkv_bias
 
     @property
     def heads_per_group(self) -> int:
@@ -88,16 +137,28 @@ class LlamaArchConfig:
     # ---- HF interchange -------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, hf: Dict[str, Any]) -> "LlamaArchConfig":
+        """Our config from a HF config.json; anything we cannot reproduce exactly is refused with
+        one line naming the field (silently dropping it would give a different model)."""
         model_type = hf.get("model_type", "llama")
-        if model_type != "llama" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        if model_type not in FAMILIES:
             raise ValueError(
-                f"config.json model_type={model_type!r} (attention_bias={hf.get('attention_bias')}, "
-                f"mlp_bias={hf.get('mlp_bias')}): only bias-free Llama checkpoints convert"
+                f"config.json model_type={model_type!r} does not convert; supported: {sorted(FAMILIES)}"
+            )
+        if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise ValueError(
+                f"config.json attention_bias={hf.get('attention_bias')} mlp_bias={hf.get('mlp_bias')}: "
+                "only bias-free Llama checkpoints convert"
             )
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"config.json hidden_act={act!r}: only silu (SwiGLU) Llama is supported")
+            raise ValueError(f"config.json hidden_act={act!r}: only silu (SwiGLU) models are supported")
         heads = hf["num_attention_heads"]
+        max_positions = hf.get("max_position_embeddings", 2048)
+        _refuse_sliding_window(hf, model_type, max_positions)
+        theta, scaling = _rope_of(hf)
+        partial = hf.get("partial_rotary_factor", 1.0)
+        if partial not in (None, 1.0):
+            raise ValueError(f"config.json partial_rotary_factor={partial}: only full-width RoPE (1.0) is supported")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -106,18 +167,25 @@ class LlamaArchConfig:
             num_attention_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rope_theta=theta,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             num_groups=hf.get("gil_num_groups", 2),
-            rope_scaling=_plain_rope_or_none(hf),
+            rope_scaling=scaling,
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
         )
 
     def to_hf_dict(self, role: str = "actor") -> Dict[str, Any]:
+        """config.json of this model in its own family (legacy ``rope_theta`` / ``rope_scaling``
+        keys, which transformers 4.x reads and 5.x converts)."""
+        family = self.family
         hf = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM" if role == "actor" else "LlamaForSequenceClassification"],
+            "model_type": self.model_type,
+            "architectures": [family.causal_lm if role == "actor" else family.sequence_classifier],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -126,17 +194,26 @@ class LlamaArchConfig:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
+        if self.model_type == "llama":
+            hf.update(attention_bias=False, mlp_bias=False)
+        else:  # full attention in every layer (sliding windows are refused on the way in)
+            hf["sliding_window"] = None
+        if self.model_type == "qwen2":
+            hf.update(use_sliding_window=False, max_window_layers=self.num_layers)
         if role != "actor":
             hf["num_labels"] = 1 if role == "reward" else 1 + self.num_groups
-            hf["pad_token_id"] = 0
+            if hf["pad_token_id"] is None:  # sequence classifiers need one to find the last token
+                hf["pad_token_id"] = 0
         if role == "critic":
             hf["gil_num_groups"] = self.num_groups
         return hf
@@ -157,13 +234,52 @@ class LlamaArchConfig:
         return cls(**d)
 
 
-def _plain_rope_or_none(hf: Dict[str, Any]):
+def _rope_of(hf: Dict[str, Any]):
+    """(rope_theta, normalised rope_scaling or None) from either spelling of config.json:
+    transformers 4.x ``rope_theta`` + ``rope_scaling``, or 5.x ``rope_parameters``."""
+    params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
-    if scaling is None:
-        params = hf.get("rope_parameters")
-        if isinstance(params, dict) and params.get("rope_type", "default") != "default":
-            return params
-        return None
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        return None
-    return scaling
+    if not isinstance(params, dict):
+        params = {}
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if scaling is None and params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return float(theta), None
+    return float(theta), scaling
+
+
+def _check_rope_scaling(scaling: Dict[str, Any]) -> Dict[str, Any]:
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in ROPE_TYPES:
+        supported = ", ".join(["default"] + sorted(ROPE_TYPES))
+        raise ValueError(
+            f"config.json rope_scaling rope_type={rope_type!r} is not supported by megatron-core's "
+            f"RotaryEmbedding; supported: {supported}"
+        )
+    missing = [k for k in ROPE_TYPES[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json rope_scaling ({rope_type}) lacks {', '.join(missing)}")
+    out = {"rope_type": rope_type}
+    out.update({k: float(scaling[k]) for k in ROPE_TYPES[rope_type]})
+    if "original_max_position_embeddings" in out:
+        out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return out
+
+
+def _refuse_sliding_window(hf: Dict[str, Any], model_type: str, max_positions: int) -> None:
+    """Mistral / Qwen2 sliding-window attention is refused: our attention is full-causal. A window
+    at least max_position_embeddings long never binds, so full attention is then exact."""
+    if model_type == "qwen2":
+        layer_types = hf.get("layer_types") or []
+        sliding = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types
+    else:
+        sliding = model_type == "mistral"
+    window = hf.get("sliding_window")
+    if sliding and window is not None and window < max_positions:
+        raise ValueError(
+            f"config.json sliding_window={window} < max_position_embeddings={max_positions}: "
+            "sliding-window attention is not supported (full attention only). If your sequences "
+            f"never exceed {window} tokens the two are identical: set max_position_embeddings to "
+            f"{window} (or sliding_window to null) in config.json and convert again"
+        )

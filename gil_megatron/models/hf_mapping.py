@@ -1,9 +1,9 @@
-"""Hugging Face Llama <-> megatron-core GPTModel (local spec) parameter mapping, per TP/PP shard.
+"""Hugging Face Llama / Mistral / Qwen2 <-> megatron-core GPTModel (local spec) parameter mapping, per TP/PP shard.
 
 Pure tensor code, no process groups: the converter runs it offline and the engine runs it when a
 rank loads its shard. Conventions (megatron-core 0.19, verified by tests against transformers):
 - linear_qkv is the per-KV-group concatenation [q heads of group g; k_g; v_g], no RoPE permutation;
-  TP splits whole KV groups.
+  TP splits whole KV groups. Qwen2's q/k/v biases are grouped the same way (linear_qkv.bias).
 - linear_fc1 = cat[gate, up] of this rank's slice of each; linear_proj / linear_fc2 split inputs.
 - the vocabulary is zero-padded to padded_vocab_size(tp) and split in contiguous rows.
 - layer indices are local to each pipeline stage.
@@ -38,19 +38,20 @@ def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
 
 
 def qkv_from_hf(arch: LlamaArchConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[q; k; v] HF projections -> megatron's grouped [q_g; k_g; v_g] for every KV group g."""
-    d, h = arch.head_dim, arch.hidden_size
-    qg = q.view(arch.num_kv_heads, arch.heads_per_group * d, h)
-    kg = k.view(arch.num_kv_heads, d, h)
-    vg = v.view(arch.num_kv_heads, d, h)
-    return torch.cat([qg, kg, vg], dim=1).reshape(-1, h)
+    """[q; k; v] HF projections -> megatron's grouped [q_g; k_g; v_g] for every KV group g.
+    Weights [rows, h] and biases [rows] alike (the trailing dims ride along)."""
+    d, rest = arch.head_dim, q.shape[1:]
+    qg = q.reshape(arch.num_kv_heads, arch.heads_per_group * d, *rest)
+    kg = k.reshape(arch.num_kv_heads, d, *rest)
+    vg = v.reshape(arch.num_kv_heads, d, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest)
 
 
 def qkv_to_hf(arch: LlamaArchConfig, qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d, h = arch.head_dim, arch.hidden_size
-    grouped = qkv.view(arch.num_kv_heads, (arch.heads_per_group + 2) * d, h)
+    d, rest = arch.head_dim, qkv.shape[1:]
+    grouped = qkv.reshape(arch.num_kv_heads, (arch.heads_per_group + 2) * d, *rest)
     q, k, v = grouped.split([arch.heads_per_group * d, d, d], dim=1)
-    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
 def megatron_shard_from_hf(
@@ -68,6 +69,10 @@ def megatron_shard_from_hf(
         qkv = qkv_from_hf(arch, read(hf + "self_attn.q_proj.weight"), read(hf + "self_attn.k_proj.weight"),
                           read(hf + "self_attn.v_proj.weight"))
         yield mg + "self_attention.linear_qkv.weight", _rows(qkv, tp_rank, tp)
+        if arch.qkv_bias:
+            bias = qkv_from_hf(arch, read(hf + "self_attn.q_proj.bias"), read(hf + "self_attn.k_proj.bias"),
+                               read(hf + "self_attn.v_proj.bias"))
+            yield mg + "self_attention.linear_qkv.bias", _rows(bias, tp_rank, tp)
         yield mg + "self_attention.linear_proj.weight", _cols(read(hf + "self_attn.o_proj.weight"), tp_rank, tp)
         yield mg + "pre_mlp_layernorm.weight", read(hf + "post_attention_layernorm.weight")
         gate = _rows(read(hf + "mlp.gate_proj.weight"), tp_rank, tp)
@@ -105,6 +110,11 @@ def hf_from_megatron_stage(
         yield hf + "self_attn.q_proj.weight", q.contiguous()
         yield hf + "self_attn.k_proj.weight", k.contiguous()
         yield hf + "self_attn.v_proj.weight", v.contiguous()
+        if arch.qkv_bias:
+            q, k, v = qkv_to_hf(arch, cat(mg + "self_attention.linear_qkv.bias", 0))
+            yield hf + "self_attn.q_proj.bias", q.contiguous()
+            yield hf + "self_attn.k_proj.bias", k.contiguous()
+            yield hf + "self_attn.v_proj.bias", v.contiguous()
         yield hf + "self_attn.o_proj.weight", cat(mg + "self_attention.linear_proj.weight", 1)
         yield hf + "post_attention_layernorm.weight", ranks[0][mg + "pre_mlp_layernorm.weight"]
         gates, ups = zip(*(s[mg + "mlp.linear_fc1.weight"].chunk(2, dim=0) for s in ranks))
@@ -136,6 +146,10 @@ def init_hf_state_dict(arch: LlamaArchConfig, role: str, seed: int, std: float =
         sd[p + "self_attn.q_proj.weight"] = normal(arch.num_attention_heads * d, h)
         sd[p + "self_attn.k_proj.weight"] = normal(arch.num_kv_heads * d, h)
         sd[p + "self_attn.v_proj.weight"] = normal(arch.num_kv_heads * d, h)
+        if arch.qkv_bias:  # zero, as transformers initialises them
+            sd[p + "self_attn.q_proj.bias"] = torch.zeros(arch.num_attention_heads * d)
+            sd[p + "self_attn.k_proj.bias"] = torch.zeros(arch.num_kv_heads * d)
+            sd[p + "self_attn.v_proj.bias"] = torch.zeros(arch.num_kv_heads * d)
         # scaled init of residual-branch outputs (GPT-2 / megatron's output_layer_init_method)
         sd[p + "self_attn.o_proj.weight"] = normal(h, arch.num_attention_heads * d) / (2 * arch.num_layers) ** 0.5
         sd[p + "post_attention_layernorm.weight"] = torch.ones(h)

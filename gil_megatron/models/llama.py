@@ -47,7 +47,7 @@ def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=arch.qkv_bias,  # Qwen2: q/k/v only
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -129,7 +129,9 @@ class LlamaModel(GPTModel):
             share_embeddings_and_output_weights=tied,
             position_embedding_type="rope",
             rotary_base=arch.rope_theta,
+            **rope_scaling_kwargs(arch),
         )
+        _apply_llama3_band_limits(self, arch)
         self.arch = arch
         self.role = role
         self.using_te = spec is not None and HAVE_TE and torch.cuda.is_available()
@@ -165,6 +167,35 @@ class LlamaModel(GPTModel):
         logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
         logits = mask_padded_vocab(logits, self.arch.vocab_size)
         return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
+
+
+def rope_scaling_kwargs(arch: LlamaArchConfig) -> dict:
+    """GPTModel's RoPE arguments for HF's rope_scaling: linear -> position interpolation,
+    llama3 -> megatron's Llama-3 band scaling (its factor; the band limits follow below)."""
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return {}
+    if scaling["rope_type"] == "linear":
+        return {"seq_len_interpolation_factor": scaling["factor"]}
+    return {"rope_scaling": True, "rope_scaling_factor": scaling["factor"]}
+
+
+def _apply_llama3_band_limits(model: GPTModel, arch: LlamaArchConfig) -> None:
+    """GPTModel passes only the factor to RotaryEmbedding, whose low/high frequency factors and
+    original context default to Llama-3.1's (1, 4, 8192). Recompute the inverse frequencies with
+    the checkpoint's own values through the same megatron function."""
+    scaling = arch.rope_scaling
+    if scaling is None or scaling["rope_type"] != "llama3":
+        return
+    rope = model.rotary_pos_emb
+    dim = arch.head_dim
+    base = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                    device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        base, factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+        high_freq_factor=scaling["high_freq_factor"],
+        original_max_position_embeddings=scaling["original_max_position_embeddings"],
+    )
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -11,9 +11,10 @@ from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from gil_megatron import collectives
 
 LossFn = Callable[[Dict[str, torch.Tensor], torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
@@ -62,27 +63,23 @@ def run_microbatches(
 
 
 def broadcast_from_last_stage(tensors: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
-    """Give every pipeline stage the last stage's tensors (shapes travel first, as objects)."""
+    """Give every pipeline stage the last stage's tensors (shapes travel first, as objects).
+    The last stage's tensors may be views (e.g. ``logits[..., :vocab]``): collectives sends a
+    contiguous copy."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp == 1:
         return tensors
     group = parallel_state.get_pipeline_model_parallel_group()
     src = parallel_state.get_pipeline_model_parallel_last_rank()
-    meta = [[(tuple(t.shape), t.dtype) for t in tensors] if tensors is not None else None]
-    dist.broadcast_object_list(meta, src=src, group=group)
+    meta = [(tuple(t.shape), t.dtype) for t in tensors] if tensors is not None else None
+    meta = collectives.broadcast_object(meta, src=src, group=group)
     if tensors is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in meta[0]]
-    for t in tensors:
-        dist.broadcast(t, src=src, group=group)
-    return tensors
+        tensors = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in meta]
+    return [collectives.broadcast(t, src=src, group=group) for t in tensors]
 
 
 def gather_vocab_shards(logits: torch.Tensor) -> torch.Tensor:
     """[..., V/tp] -> [..., V] (debugging and tests only: production code never gathers logits)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(tp)]
-    dist.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    return collectives.all_gather_into(logits, group=group, dim=-1)

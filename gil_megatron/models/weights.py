@@ -78,6 +78,12 @@ def read_meta(ckpt_dir: str) -> dict:
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     if not os.path.isfile(path):
+        roles = [r for r in ROLES if os.path.isfile(os.path.join(ckpt_dir, r, META_FILE))]
+        if roles:  # a training checkpoint (iter_N/) holds one model directory per role
+            raise CheckpointError(
+                f"{ckpt_dir} is a training checkpoint holding {', '.join(roles)}: pass one model directory, "
+                f"e.g. {os.path.join(ckpt_dir, roles[0])}"
+            )
         raise CheckpointError(
             f"{ckpt_dir} is not a gil_megatron checkpoint (no {META_FILE}); convert a HF model "
             "with tools/convert_hf_checkpoint.py first"
