@@ -159,7 +159,7 @@ def test_missing_and_empty_sources(tok, tmp_path):
         ('{"prompt": "COPY a =",}', r"bad.jsonl: line 3: not valid JSON \(.* at column \d+\); fix: each line"),
         ('["COPY a ="]', r"bad.jsonl: line 3: expected a JSON object, got list"),
         ('{"text": "COPY a ="}', r"bad.jsonl: line 3: missing field 'prompt' \(fields present: \['text'\]\); fix:"),
-        ('{"prompt": 7}', r"bad.jsonl: line 3: field 'prompt' must be a string, got int; fix:"),
+        ('{"prompt": 7}', r"bad.jsonl: line 3: field 'prompt' must be a str \(as on line 1\), got int; fix:"),
         ('{"prompt": "  "}', r"bad.jsonl: line 3: field 'prompt' is empty; fix:"),
         ('{"prompt": "COPY a =", "group": 2}', r"bad.jsonl: line 3: field 'group' must be a string or null, got int"),
         ('{"chosen": "no turns here"}', r"bad.jsonl: line 3: field 'chosen': no '\\n\\nAssistant:' turn"),
@@ -174,10 +174,15 @@ def test_prompt_record_errors_name_file_line_field(tok, tmp_path, line, pattern)
 
 def test_sft_and_preference_record_errors(tok, tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "COPY a ="}])
-    with pytest.raises(DataError, match=r"s.jsonl: line 1: missing field 'response'"):
+    with pytest.raises(DataError, match=r"s.jsonl: no column 'prompt'\+'response' or 'prompt'\+'chosen' or "
+                                        r"'chosen' \(columns: \['prompt'\]\); fix: rename the columns or set data.keys"):
         load_sft(path, tok, max_length=16)
-    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "COPY a =", "chosen": "a"}])
-    with pytest.raises(DataError, match=r"r.jsonl: line 1: missing field 'rejected'"):
+    path = write_jsonl(tmp_path / "s2.jsonl", [{"prompt": "COPY a =", "response": "a"}, {"prompt": "COPY b ="}])
+    with pytest.raises(DataError, match=r"s2.jsonl: line 2: missing field 'response' \(fields present: \['prompt'\]\)"):
+        load_sft(path, tok, max_length=16)
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "COPY a =", "chosen": "a", "rejected": "b"},
+                                              {"prompt": "COPY a =", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"r.jsonl: line 2: missing field 'rejected'"):
         load_preferences(path, tok, max_length=16)
     path = write_jsonl(tmp_path / "h.jsonl", [{"chosen": HH_ONE, "rejected": HH_TWO}])
     with pytest.raises(DataError, match=r"h.jsonl: line 1: 'chosen' and 'rejected' dialogues differ") as e:
