@@ -24,7 +24,7 @@ from gil_megatron import checkpoint as ckpt
 from gil_megatron import distributed, faults, memory
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
-from gil_megatron.data import DataLoader, eval_batches, load_prompts, pad_token_id
+from gil_megatron.data import DataLoader, eval_batches, load_prompts, options_from_config, pad_token_id
 from gil_megatron.experience import AlgoSwitches, make_experience
 from gil_megatron.logging import MetricsLogger
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
@@ -69,11 +69,11 @@ class PPOTrainer:
         self.critic_train = Trainable(self.critic, cfg.critic_optim)
 
         prompts = load_prompts(cfg.data.train_prompts, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                               too_long=cfg.data.too_long)
+                               too_long=cfg.data.too_long, **options_from_config(cfg.data))
         self.loader = DataLoader(prompts, cfg.rollout.batch_size, seed=cfg.seed, pad_token_id=self.pad_id,
                                  dp_rank=self.layout.dp_rank, dp_size=self.dp)
         self.eval_sets = {name: load_prompts(path, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                             too_long=cfg.data.too_long)
+                                             too_long=cfg.data.too_long, **options_from_config(cfg.data))
                           for name, path in cfg.data.eval_prompts.items()}
         if cfg.ppo.target_kl is not None:
             self.kl_ctl = ppo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)

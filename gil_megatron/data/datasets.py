@@ -277,7 +277,8 @@ def _wait_for(path: str, timeout_s: float = 4 * 3600.0) -> None:
 
 def tokenized_table(path: str, kind: str, tokenizer, *, keys: Optional[Mapping[str, str]] = None,
                     split: Optional[str] = None, add_bos: bool = True, add_eos: bool = True,
-                    cache_dir: Optional[str] = None, num_proc: Optional[int] = None):
+                    cache_dir: Optional[str] = None, num_proc: Optional[int] = None,
+                    local_rank: Optional[int] = None):
     """The source tokenized for ``kind`` (prompts | sft | pairs) as a `datasets.Dataset`, once per node
     (see the module docstring). Columns: prompt_ids, [response_ids | chosen_ids, rejected_ids |
     prompt], group, row (the record's row in the source, for error messages)."""
@@ -285,6 +286,7 @@ def tokenized_table(path: str, kind: str, tokenizer, *, keys: Optional[Mapping[s
     import torch.distributed as dist
 
     fn, needed = _KINDS[kind]
+    add_eos = add_eos and kind != "prompts"  # prompts have no response: one cache entry either way
     keys = resolve_keys(keys)
     source = parse_source(path, split)
     encoder = Encoder(tokenizer, add_bos=add_bos, add_eos=add_eos)
@@ -294,7 +296,7 @@ def tokenized_table(path: str, kind: str, tokenizer, *, keys: Optional[Mapping[s
     }, sort_keys=True).encode()).hexdigest()[:24]
     cache_file = os.path.join(cache_dir or default_cache_dir(), f"{kind}-{key}.arrow")
     group_up = dist.is_available() and dist.is_initialized()
-    if _local_rank() == 0:
+    if (_local_rank() if local_rank is None else local_rank) == 0:
         if os.path.exists(cache_file):
             table = datasets.Dataset.from_file(cache_file)
         else:

@@ -15,7 +15,7 @@ import torch
 
 from gil_megatron.algo.preference import bradley_terry_loss
 from gil_megatron.config import RewardModelConfig
-from gil_megatron.data import PreferenceBatch, load_preferences
+from gil_megatron.data import PreferenceBatch, load_preferences, options_from_config
 from gil_megatron.models.llama import score_at_last
 from gil_megatron.stages.common import Stage, Sums, add_group_sums, chunks, pair_microbatch, run, sums_from_means
 
@@ -31,7 +31,7 @@ class RewardModelStage(Stage):
     def load_dataset(self, path: str):
         d = self.cfg.data
         return load_preferences(path, self.tokenizer, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, too_long=d.too_long)
+                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
 
     def microbatches(self, batch: PreferenceBatch) -> List[Dict[str, torch.Tensor]]:
         return [pair_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]

@@ -14,7 +14,7 @@ import torch
 from gil_megatron.algo.preference import sft_loss
 from gil_megatron.algo.ppo import masked_sum
 from gil_megatron.config import SFTConfig
-from gil_megatron.data import SequenceBatch, load_sft
+from gil_megatron.data import SequenceBatch, load_sft, options_from_config
 from gil_megatron.stages.common import (
     Stage, Sums, add_group_sums, chunks, run, sequence_microbatch, sums_from_means, token_logprobs,
 )
@@ -33,7 +33,7 @@ class SFTStage(Stage):
     def load_dataset(self, path: str):
         d = self.cfg.data
         return load_sft(path, self.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                        too_long=d.too_long)
+                        too_long=d.too_long, **options_from_config(d))
 
     def microbatches(self, batch: SequenceBatch) -> List[Dict[str, torch.Tensor]]:
         return [sequence_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
