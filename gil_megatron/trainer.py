@@ -397,6 +397,7 @@ class PPOTrainer:
                 metrics.update(self.evaluate())
             metrics = sync_metrics_to_rank0(metrics)
             log.log(self.iteration, metrics)
+            log.print_eval(self.iteration, metrics)  # per set: score, worst group, each group (if evaluated)
             last = metrics
             if final or (cfg.train.save_every and self.iteration % cfg.train.save_every == 0):
                 self.save()

@@ -1,6 +1,6 @@
 """Direct Preference Optimization (sigmoid loss) against a frozen reference policy.
 
-    torchrun --nproc-per-node 2 tools/train_dpo.py examples/configs/dpo_miniature.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m gil_megatron.stages.dpo examples/configs/dpo_miniature.yaml [key=value ...]
 
 ``init`` is the SFT policy; ``reference`` (default: ``init``) is loaded frozen. Sequence log-probs
 are sums of the response tokens' log-probs from the vocab-parallel logits
@@ -74,3 +74,9 @@ class DPOStage(Stage):
 
 def main(argv) -> Dict[str, float]:
     return run(DPOStage, argv)
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import stage_main
+
+    stage_main("gil_megatron.stages.dpo")

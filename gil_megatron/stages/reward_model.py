@@ -1,7 +1,7 @@
 """Reward-model training: pairwise Bradley-Terry loss on (chosen, rejected), scalar head at the
 last real token.
 
-    torchrun --nproc-per-node 2 tools/train_reward_model.py examples/configs/rm_miniature.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m gil_megatron.stages.reward_model examples/configs/rm_miniature.yaml [key=value ...]
 
 ``init`` is usually the SFT model (a causal LM: its trunk is loaded and the score head starts at
 zero) or an existing reward model. Chosen and rejected responses go through the model in one
@@ -52,3 +52,9 @@ class RewardModelStage(Stage):
 
 def main(argv) -> Dict[str, float]:
     return run(RewardModelStage, argv)
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import stage_main
+
+    stage_main("gil_megatron.stages.reward_model")

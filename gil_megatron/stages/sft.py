@@ -1,9 +1,10 @@
 """Supervised fine-tuning: next-token NLL on the response tokens (prompt tokens and padding masked).
 
-    torchrun --nproc-per-node 2 tools/train_sft.py examples/configs/sft_miniature.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m gil_megatron.stages.sft examples/configs/sft_miniature.yaml [key=value ...]
+    (tools/train_sft.py is the same entry point)
 
 Data: {"prompt", "response"} jsonl, {"prompt", "chosen"}, or HH-RLHF "chosen" dialogues
-(gil_megatron/data.py). The objective of a step is the mean NLL over all response tokens of the
+(gil_megatron/data/records.py; conversations use the chat template). The objective of a step is the mean NLL over all response tokens of the
 global batch (``token_mean``); eval reports eval/loss per token and per known group.
 """
 
@@ -60,3 +61,9 @@ class SFTStage(Stage):
 
 def main(argv) -> Dict[str, float]:
     return run(SFTStage, argv)
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import stage_main
+
+    stage_main("gil_megatron.stages.sft")
