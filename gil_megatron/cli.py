@@ -37,10 +37,12 @@ def fail(message) -> None:
 
 
 def run_cli(main, *args, **kwargs) -> None:
-    """Run ``main``; a user error becomes one ``error:`` line and exit 2. ``-h``/``--help`` in
-    sys.argv prints the calling module's docstring (its usage) and exits 0."""
-    if not args and not kwargs and any(a in HELP_FLAGS for a in sys.argv[1:]):
-        module = sys.modules.get(getattr(main, "__module__", ""), None)
+    """Run ``main``; a user error becomes one ``error:`` line and exit 2. For a config-driven entry
+    point (one without argparse), ``-h``/``--help`` in sys.argv prints the module's docstring and exits 0."""
+    module = sys.modules.get(getattr(main, "__module__", ""), None)
+    # config-driven entry points ([CONFIG.yaml] [key=value ...]); argparse tools print their own help
+    if not args and not kwargs and any(a in HELP_FLAGS for a in sys.argv[1:]) and \
+            "argparse" not in vars(module or sys):
         print((getattr(module, "__doc__", None) or "").strip() + "\n\nConfig keys: python -m gil_megatron.cli keys "
               "ppo|sft|reward_model|dpo")
         sys.exit(0)

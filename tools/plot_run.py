@@ -86,7 +86,7 @@ def panels(rows):
     if any("reward/mean" in r for r in rows):  # PPO / GIL
         lines = [("reward/mean", "reward (trained on)", "-"), ("reward/gold_mean", "gold (true)", "-")]
         for k, name in _keys(rows, r"eval/([^/]+)/(?:reward|gold)").items():
-            lines.append((k, f"eval {name} {k.rsplit('/', 1)[1]}", "o"))
+            lines.append((k, f"{name} {k.rsplit('/', 1)[1]} (held-out eval)", "o"))
         out.append(("reward", "score", lines))
         out.append(("KL to the reference", "nats / response",
                     [("kl/mean", "kl/mean", "-"), ("kl/coef_effective_mean", "effective coefficient", "--")]))

@@ -67,7 +67,17 @@ def export_model(out_dir: str) -> str:
         raise ImportError("reading GGUF needs the 'gguf' package; fix: pip install -r requirements-real.txt")
     name = os.path.basename(ggufs[0])
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as "quantized" (not serializable): rebuild it as a plain
+    # fp32 model from its config and the dequantised weights
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"GGUF weights do not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
