@@ -37,10 +37,11 @@ def test_validate_is_one_error_line_and_exit_2(capsys, argv, message):
 def test_validate_passes_silently_and_checks_model_dirs(capsys, tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "x"}\n')
-    cli.main(["validate", "--world-size", "2", "ppo", MINI, f"data.train_prompts={data}", "data.eval_prompts={}",
+    sets = [f"data.eval_prompts.eval={data}", f"data.eval_prompts.ood={data}"]  # (YAML dicts merge key by key)
+    cli.main(["validate", "--world-size", "2", "ppo", MINI, f"data.train_prompts={data}", *sets,
               f"models.actor={tmp_path}", f"models.reward_model={tmp_path}"])
     assert capsys.readouterr().err == ""
-    code, err = _validate(capsys, "ppo", MINI, f"data.train_prompts={data}", "data.eval_prompts={}",
+    code, err = _validate(capsys, "ppo", MINI, f"data.train_prompts={data}", *sets,
                           "models.actor=/no/model", f"models.reward_model={tmp_path}")
     assert code == 2 and err.startswith("error: models.actor=/no/model: no such directory; fix: convert one")
 
