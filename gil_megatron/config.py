@@ -70,19 +70,68 @@ class ModelsConfig:
 
 
 @dataclass
-class DataConfig:
+class DataKeys:
+    """Column names of the records (every stage reads the ones it needs)."""
+
+    prompt: str = "prompt"
+    """The prompt: a string, or a conversation (list of {role, content} messages)."""
+    response: str = "response"
+    """The SFT demonstration's reply (string or messages)."""
+    chosen: str = "chosen"
+    """The preferred reply, or a whole preferred dialogue when there is no prompt column."""
+    rejected: str = "rejected"
+    """The dispreferred reply (or dialogue)."""
+    group: str = "group"
+    """Optional known group of a record (a string; per-group metrics only, never the algorithm)."""
+
+    def validate(self):
+        for name in ("prompt", "response", "chosen", "rejected", "group"):
+            _require(bool(getattr(self, name)), f"data.keys.{name} is empty; give the column name")
+
+
+@dataclass
+class DataSourceOptions:
+    """How every data source of a stage is read and tokenized (gil_megatron/data/)."""
+
+    split: Optional[str] = None
+    """Split of a saved DatasetDict (a source may also say PATH:SPLIT); null: its only split."""
+    keys: DataKeys = field(default_factory=DataKeys)
+    chat_template: str = "auto"
+    """Conversations are formatted by: auto (the tokenizer's chat template) | none (refuse
+    conversations) | a path to a Jinja template file. Plain strings are used as they are."""
+    num_proc: Optional[int] = None
+    """Worker processes for tokenization (datasets.map); null: in-process."""
+    cache_dir: Optional[str] = None
+    """Tokenized-data cache; null: $GIL_MEGATRON_DATA_CACHE or ~/.cache/gil_megatron/tokenized."""
+
+    def _check_sources(self) -> None:
+        import os
+
+        _require(self.chat_template in ("auto", "none") or os.path.isfile(self.chat_template),
+                 f"data.chat_template={self.chat_template!r}: not a file; valid: auto, none, or a Jinja file path")
+        _require(self.num_proc is None or self.num_proc >= 1, f"data.num_proc={self.num_proc} must be >= 1")
+
+
+@dataclass
+class DataConfig(DataSourceOptions):
     train_prompts: str = "???"
-    """jsonl or saved HF dataset: {"prompt": ..., "group"?: ...} or HH-RLHF chosen/rejected."""
+    """Prompts: jsonl/json/parquet/csv (optionally .gz) or a saved HF dataset; records {prompt, group?}
+    or chosen/rejected dialogues (gil_megatron/data/records.py)."""
     eval_prompts: Dict[str, str] = field(default_factory=dict)
     """Named held-out prompt sets evaluated every train.eval_every iterations (e.g. eval, ood)."""
     max_prompt_length: int = 64
-    """Prompts longer than this (tokens, incl. BOS) are an error unless too_long=drop."""
+    """Prompts longer than this (tokens, incl. BOS or chat template) are an error unless too_long=drop."""
     too_long: str = "error"
     """error | drop"""
 
     def validate(self):
         _require(self.max_prompt_length > 0, f"data.max_prompt_length={self.max_prompt_length} must be > 0")
         _require(self.too_long in ("error", "drop"), f"data.too_long={self.too_long!r}; valid: error, drop")
+        self._check_sources()
+
+    def sources(self) -> Dict[str, str]:
+        """config key -> data source (what the launcher checks before starting workers)."""
+        return {"train_prompts": self.train_prompts, **{f"eval_prompts.{k}": v for k, v in self.eval_prompts.items()}}
 
 
 @dataclass
@@ -373,11 +422,11 @@ def overrides_from_argv(argv: List[str]):
 
 # ---- the stages before and beside PPO (tools/train_sft.py, train_reward_model.py, train_dpo.py) ----
 @dataclass
-class StageDataConfig:
+class StageDataConfig(DataSourceOptions):
     train: str = "???"
-    """jsonl or saved HF dataset (formats: see gil_megatron/data.py)."""
+    """jsonl/json/parquet/csv (optionally .gz) or a saved HF dataset (formats: gil_megatron/data/records.py)."""
     eval: Optional[str] = None
-    """Held-out split evaluated every train.eval_every steps and at the end."""
+    """Held-out set evaluated every train.eval_every steps and at the end (DIR:SPLIT for a DatasetDict split)."""
     max_length: int = 64
     """Tokens of prompt + response (the longer response for preference pairs)."""
     max_prompt_length: Optional[int] = None
@@ -387,6 +436,11 @@ class StageDataConfig:
     def validate(self):
         _require(self.max_length > 0, f"data.max_length={self.max_length} must be > 0")
         _require(self.too_long in ("error", "drop"), f"data.too_long={self.too_long!r}; valid: error, drop")
+        self._check_sources()
+
+    def sources(self) -> Dict[str, str]:
+        """config key -> data source (what the launcher checks before starting workers)."""
+        return {"train": self.train, **({"eval": self.eval} if self.eval else {})}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from gil_megatron import distributed, faults, memory
 from gil_megatron import objectives
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
-from gil_megatron.data import DataLoader, load_prompts, pad_token_id
+from gil_megatron.data import DataLoader, load_prompts, options_from_config, pad_token_id
 from gil_megatron.evaluation import Scorers, evaluate_policy, primary_score, summarize_scores
 from gil_megatron.experience import make_experience
 from gil_megatron.logging import MetricsLogger
@@ -76,11 +76,11 @@ class PPOTrainer:
             self.critic_train = Trainable(self.critic, cfg.critic_optim)
 
         prompts = load_prompts(cfg.data.train_prompts, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                               too_long=cfg.data.too_long)
+                               too_long=cfg.data.too_long, **options_from_config(cfg.data))
         self.loader = DataLoader(prompts, cfg.rollout.batch_size, seed=cfg.seed, pad_token_id=self.pad_id,
                                  dp_rank=self.layout.dp_rank, dp_size=self.dp)
         self.eval_sets = {name: load_prompts(path, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                             too_long=cfg.data.too_long)
+                                             too_long=cfg.data.too_long, **options_from_config(cfg.data))
                           for name, path in cfg.data.eval_prompts.items()}
         if cfg.ppo.target_kl is not None:
             self.kl_ctl = ppo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
@@ -392,6 +392,7 @@ class PPOTrainer:
                 metrics.update(self.evaluate())
             metrics = sync_metrics_to_rank0(metrics)
             log.log(self.iteration, metrics)
+            log.print_eval(self.iteration, metrics)  # per set: score, worst group, each group (if evaluated)
             last = metrics
             if final or (cfg.train.save_every and self.iteration % cfg.train.save_every == 0):
                 self.save()

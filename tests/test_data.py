@@ -159,7 +159,7 @@ def test_missing_and_empty_sources(tok, tmp_path):
         ('{"prompt": "COPY a =",}', r"bad.jsonl: line 3: not valid JSON \(.* at column \d+\); fix: each line"),
         ('["COPY a ="]', r"bad.jsonl: line 3: expected a JSON object, got list"),
         ('{"text": "COPY a ="}', r"bad.jsonl: line 3: missing field 'prompt' \(fields present: \['text'\]\); fix:"),
-        ('{"prompt": 7}', r"bad.jsonl: line 3: field 'prompt' must be a string, got int; fix:"),
+        ('{"prompt": 7}', r"bad.jsonl: line 3: field 'prompt' must be a str \(as on line 1\), got int; fix:"),
         ('{"prompt": "  "}', r"bad.jsonl: line 3: field 'prompt' is empty; fix:"),
         ('{"prompt": "COPY a =", "group": 2}', r"bad.jsonl: line 3: field 'group' must be a string or null, got int"),
         ('{"chosen": "no turns here"}', r"bad.jsonl: line 3: field 'chosen': no '\\n\\nAssistant:' turn"),
@@ -174,10 +174,15 @@ def test_prompt_record_errors_name_file_line_field(tok, tmp_path, line, pattern)
 
 def test_sft_and_preference_record_errors(tok, tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "COPY a ="}])
-    with pytest.raises(DataError, match=r"s.jsonl: line 1: missing field 'response'"):
+    with pytest.raises(DataError, match=r"s.jsonl: no column 'prompt'\+'response' or 'prompt'\+'chosen' or "
+                                        r"'chosen' \(columns: \['prompt'\]\); fix: rename the columns or set data.keys"):
         load_sft(path, tok, max_length=16)
-    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "COPY a =", "chosen": "a"}])
-    with pytest.raises(DataError, match=r"r.jsonl: line 1: missing field 'rejected'"):
+    path = write_jsonl(tmp_path / "s2.jsonl", [{"prompt": "COPY a =", "response": "a"}, {"prompt": "COPY b ="}])
+    with pytest.raises(DataError, match=r"s2.jsonl: line 2: missing field 'response' \(fields present: \['prompt'\]\)"):
+        load_sft(path, tok, max_length=16)
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "COPY a =", "chosen": "a", "rejected": "b"},
+                                              {"prompt": "COPY a =", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"r.jsonl: line 2: missing field 'rejected'"):
         load_preferences(path, tok, max_length=16)
     path = write_jsonl(tmp_path / "h.jsonl", [{"chosen": HH_ONE, "rejected": HH_TWO}])
     with pytest.raises(DataError, match=r"h.jsonl: line 1: 'chosen' and 'rejected' dialogues differ") as e:
@@ -274,3 +279,156 @@ def test_pad_token_falls_back_to_eos(tok):
         pad_token_id, eos_token_id = None, 2
 
     assert pad_token_id(tok) == tok.pad_token_id == 0 and pad_token_id(NoPad()) == 2
+
+
+# --- sources through HF datasets, keys, splits, caching ------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIL_MEGATRON_DATA_CACHE", str(tmp_path / "cache"))
+
+
+ROWS = [{"prompt": "COPY a b =", "response": "a b", "group": "copy"}, {"prompt": "SORT b a =", "response": "a b"}]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.json", "d.parquet", "d.csv"])
+def test_file_formats_read_the_same_records(tok, tmp_path, name):
+    import gzip
+
+    import datasets
+
+    path = tmp_path / name
+    if name.endswith(".jsonl.gz"):
+        with gzip.open(path, "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(ROWS))  # one JSON array
+    else:
+        table = datasets.Dataset.from_list(ROWS)
+        table.to_parquet(str(path)) if name.endswith(".parquet") else table.to_csv(str(path), index=False)
+    ds = load_sft(str(path), tok, max_length=16)
+    assert ds.response_ids == [ids(tok, "a b") + [tok.eos_token_id]] * 2 and ds.groups == ["copy", None]
+    assert ds.prompt_ids[1] == [tok.bos_token_id] + ids(tok, "SORT b a =")
+
+
+def test_configurable_keys_and_dataset_dict_split(tok, tmp_path):
+    import datasets
+
+    rows = [{"question": "COPY a =", "answer": "a", "family": "copy"}]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    keys = {"prompt": "question", "response": "answer", "group": "family"}
+    ds = load_sft(str(tmp_path / "dd"), tok, max_length=8, keys=keys, split="test")
+    assert ds.response_ids == [ids(tok, "a") + [tok.eos_token_id]] and ds.groups == ["copy"]
+    assert len(load_sft(str(tmp_path / "dd") + ":train", tok, max_length=8, keys=keys)) == 1  # DIR:SPLIT
+    with pytest.raises(DataError, match=r"dd: a DatasetDict with splits \['test', 'train'\] and no split 'dev'"):
+        load_sft(str(tmp_path / "dd"), tok, max_length=8, keys=keys, split="dev")
+    with pytest.raises(DataError, match=r"no column 'prompt' or 'chosen' \(columns: \['answer', 'family', "
+                                        r"'question'\]\); fix: .* data.keys.prompt=answer"):
+        load_prompts(str(tmp_path / "dd"), tok, max_prompt_length=8, split="test")
+    with pytest.raises(DataError, match=r"d.txt: unknown data format '.txt'"):
+        (tmp_path / "d.txt").write_text("x")
+        load_prompts(str(tmp_path / "d.txt"), tok, max_prompt_length=8)
+
+
+def test_tokenization_is_cached_and_shared_with_other_local_ranks(tok, tmp_path, monkeypatch):
+    import threading
+
+    from gil_megatron.data import datasets as dmod
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "COPY a ="}, {"prompt": "REV a b ="}])
+    cache = str(tmp_path / "c")
+    got = {}
+    # rank 1 starts first and must wait for local rank 0's cache file, never reading the source
+    waiter = threading.Thread(target=lambda: got.setdefault(
+        "r1", dmod.tokenized_table(path, "prompts", tok, cache_dir=cache, local_rank=1)["prompt_ids"]))
+    waiter.start()
+    r0 = dmod.tokenized_table(path, "prompts", tok, cache_dir=cache, local_rank=0)["prompt_ids"]
+    waiter.join(timeout=30)
+    assert got["r1"] == r0 == [[tok.bos_token_id] + ids(tok, "COPY a ="), [tok.bos_token_id] + ids(tok, "REV a b =")]
+    monkeypatch.setattr(dmod, "read_table", lambda *a, **k: pytest.fail("the cache should have been used"))
+    assert load_prompts(path, tok, max_prompt_length=8, cache_dir=cache).prompt_ids == r0
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "COPY b ="}])  # new contents -> a new cache entry
+    with pytest.raises(pytest.fail.Exception):
+        load_prompts(path, tok, max_prompt_length=8, cache_dir=cache)
+
+
+# --- chat templates with a real BPE tokenizer ---------------------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE tokenizer trained here (no hub), with a ChatML template and a generation prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    corpus = ["the cat sat on the mat", "what is the answer", "the answer is four", "hello there friend",
+              "abcdef abcdef abcdef", "catsat thecat"] * 20
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_chat_prompt_plus_response_is_the_whole_conversation(bpe, tmp_path):
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the answer"}]
+    reply = "the answer is four"
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": convo, "response": reply},  # messages + a string reply
+        {"chosen": convo + [{"role": "assistant", "content": reply}]},  # one whole conversation
+    ])
+    ds = load_sft(path, bpe, max_length=64)
+    full = bpe.apply_chat_template(convo + [{"role": "assistant", "content": reply}], tokenize=True)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    prompt = bpe.apply_chat_template(convo, tokenize=True, add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    for p, r in zip(ds.prompt_ids, ds.response_ids):
+        assert p == prompt  # the template decides BOS: none added
+        assert p + r == full[: len(p) + len(r)] and r[-1] == bpe.eos_token_id
+        assert bpe.decode(full[len(p) + len(r):]) == "\n"  # only the template's text after the end of turn
+        assert bpe.decode(r) == reply + "<|im_end|>"
+    prompts = load_prompts(path, bpe, max_prompt_length=64)
+    assert prompts.prompt_ids == [prompt, prompt] and json.loads(prompts.prompts[0]) == convo
+
+
+def test_chat_preferences_and_template_errors(bpe, tmp_path):
+    convo = [{"role": "user", "content": "what is the answer"}]
+    path = write_jsonl(tmp_path / "r.jsonl", [{"chosen": convo + [{"role": "assistant", "content": "four"}],
+                                              "rejected": convo + [{"role": "assistant", "content": "the cat"}]}])
+    ds = load_preferences(path, bpe, max_length=64)
+    assert bpe.decode(ds.chosen_ids[0]) == "four<|im_end|>" and bpe.decode(ds.rejected_ids[0]) == "the cat<|im_end|>"
+    with pytest.raises(DataError, match=r"r.jsonl: line 1: a conversation .* but the tokenizer has no chat template; "
+                                        r"fix: set data.chat_template"):
+        load_preferences(path, bpe, max_length=64, chat_template="none", cache_dir=str(tmp_path / "c2"))
+    template = tmp_path / "t.jinja"
+    template.write_text(CHATML)
+    bpe_copy = __import__("copy").deepcopy(bpe)
+    assert load_preferences(path, bpe_copy, max_length=64, chat_template=str(template),
+                            cache_dir=str(tmp_path / "c3")).chosen_ids == ds.chosen_ids
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": [{"role": "user"}], "response": "x"}])
+    with pytest.raises(DataError, match=r"b.jsonl: line 1: field 'prompt' message 0 must be"):
+        load_sft(bad, bpe, max_length=64)
+
+
+def test_raw_text_pairs_at_a_bpe_boundary(bpe, tmp_path):
+    from gil_megatron.data import Encoder
+
+    enc = Encoder(bpe, add_bos=False)
+    # a space starts a new pre-token: prompt + response is exactly the whole text's encoding
+    p, r = enc.pairs(["what is the"], [" answer"], ["x"])
+    assert p[0] + r[0][:-1] == bpe("what is the answer", add_special_tokens=False)["input_ids"]
+    # no space: BPE merges across the join; the prompt keeps its own ids (what generation sees)
+    p, r = enc.pairs(["abc"], ["def"], ["x"])
+    assert bpe("abcdef", add_special_tokens=False)["input_ids"] != p[0] + r[0][:-1]
+    assert p[0] == bpe("abc", add_special_tokens=False)["input_ids"]
+    assert r[0] == bpe("def", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+    assert enc.boundary_merges == 1

@@ -1,22 +1,14 @@
 #!/usr/bin/env python
-"""Reward-model training (pairwise Bradley-Terry loss, scalar head at the last token).
+"""Reward-model training: the same as `python -m gil_megatron.stages.reward_model` (whose docstring and --help say everything).
 
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 tools/train_reward_model.py \
-        examples/configs/rm_miniature.yaml [key=value ...]
-
-Any config key can be overridden with a dotted key=value (gil_megatron/config.py lists them all),
-e.g. `train.steps=50 parallel.tp=2 checkpoint.resume=none`. Writes RUN_DIR/metrics.jsonl, training
-checkpoints under RUN_DIR/checkpoints/ (resumed by checkpoint.resume=auto) and the final model
-directory to `output` (default RUN_DIR/model). Ends with a one-line summary; user errors print one
-line and exit with status 2.
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 tools/train_reward_model.py CONFIG.yaml [key=value ...]
+    python tools/train_reward_model.py --help
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gil_megatron.cli import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -26,9 +18,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from gil_megatron import distributed
+    from gil_megatron.cli import stage_main
 
-    try:
-        run_cli(main)
-    finally:
-        distributed.destroy()
+    stage_main("gil_megatron.stages.reward_model")

@@ -11,7 +11,7 @@ sequence of vocabulary words (what the task writes); special tokens are dropped 
 
 Conventions (the same as Llama tokenizers, so the engine treats the miniature like a real model):
 - `tokenizer("COPY a b =")` (add_special_tokens=True) prepends `<bos>`; no `<eos>` is added.
-  The data loader (gil_megatron/data.py) encodes with add_special_tokens=False and adds `<bos>`
+  The data loader (gil_megatron/data/) encodes with add_special_tokens=False and adds `<bos>`
   itself, and appends `<eos>` to responses.
 - `<pad>` has id 0 and is never produced by the task; `<unk>` maps words outside the vocabulary.
 

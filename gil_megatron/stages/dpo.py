@@ -1,6 +1,6 @@
 """Direct Preference Optimization (sigmoid loss) against a frozen reference policy.
 
-    torchrun --nproc-per-node 2 tools/train_dpo.py examples/configs/dpo_miniature.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m gil_megatron.stages.dpo examples/configs/dpo_miniature.yaml [key=value ...]
 
 ``init`` is the SFT policy; ``reference`` (default: ``init``) is loaded frozen. Sequence log-probs
 are sums of the response tokens' log-probs from the vocab-parallel logits
@@ -15,7 +15,7 @@ import torch
 
 from gil_megatron.algo.preference import dpo_loss, sequence_logprobs
 from gil_megatron.config import DPOConfig
-from gil_megatron.data import PreferenceBatch, load_preferences
+from gil_megatron.data import PreferenceBatch, load_preferences, options_from_config
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.models.build import model_from_checkpoint
 from gil_megatron.models.pipeline import run_microbatches
@@ -40,7 +40,7 @@ class DPOStage(Stage):
     def load_dataset(self, path: str):
         d = self.cfg.data
         return load_preferences(path, self.tokenizer, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, too_long=d.too_long)
+                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
 
     def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
         self.reference = model_from_checkpoint(self.cfg.reference or self.cfg.init, "actor", layout, dtype,
@@ -74,3 +74,9 @@ class DPOStage(Stage):
 
 def main(argv) -> Dict[str, float]:
     return run(DPOStage, argv)
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import stage_main
+
+    stage_main("gil_megatron.stages.dpo")

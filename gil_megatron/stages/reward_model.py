@@ -1,7 +1,7 @@
 """Reward-model training: pairwise Bradley-Terry loss on (chosen, rejected), scalar head at the
 last real token.
 
-    torchrun --nproc-per-node 2 tools/train_reward_model.py examples/configs/rm_miniature.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m gil_megatron.stages.reward_model examples/configs/rm_miniature.yaml [key=value ...]
 
 ``init`` is usually the SFT model (a causal LM: its trunk is loaded and the score head starts at
 zero) or an existing reward model. Chosen and rejected responses go through the model in one
@@ -15,7 +15,7 @@ import torch
 
 from gil_megatron.algo.preference import bradley_terry_loss
 from gil_megatron.config import RewardModelConfig
-from gil_megatron.data import PreferenceBatch, load_preferences
+from gil_megatron.data import PreferenceBatch, load_preferences, options_from_config
 from gil_megatron.models.llama import score_at_last
 from gil_megatron.stages.common import Stage, Sums, add_group_sums, chunks, pair_microbatch, run, sums_from_means
 
@@ -31,7 +31,7 @@ class RewardModelStage(Stage):
     def load_dataset(self, path: str):
         d = self.cfg.data
         return load_preferences(path, self.tokenizer, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, too_long=d.too_long)
+                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
 
     def microbatches(self, batch: PreferenceBatch) -> List[Dict[str, torch.Tensor]]:
         return [pair_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
@@ -52,3 +52,9 @@ class RewardModelStage(Stage):
 
 def main(argv) -> Dict[str, float]:
     return run(RewardModelStage, argv)
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import stage_main
+
+    stage_main("gil_megatron.stages.reward_model")

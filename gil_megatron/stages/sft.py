@@ -1,9 +1,10 @@
 """Supervised fine-tuning: next-token NLL on the response tokens (prompt tokens and padding masked).
 
-    torchrun --nproc-per-node 2 tools/train_sft.py examples/configs/sft_miniature.yaml [key=value ...]
+    torchrun --nproc-per-node 2 -m gil_megatron.stages.sft examples/configs/sft_miniature.yaml [key=value ...]
+    (tools/train_sft.py is the same entry point)
 
 Data: {"prompt", "response"} jsonl, {"prompt", "chosen"}, or HH-RLHF "chosen" dialogues
-(gil_megatron/data.py). The objective of a step is the mean NLL over all response tokens of the
+(gil_megatron/data/records.py; conversations use the chat template). The objective of a step is the mean NLL over all response tokens of the
 global batch (``token_mean``); eval reports eval/loss per token and per known group.
 """
 
@@ -14,7 +15,7 @@ import torch
 from gil_megatron.algo.preference import sft_loss
 from gil_megatron.algo.ppo import masked_sum
 from gil_megatron.config import SFTConfig
-from gil_megatron.data import SequenceBatch, load_sft
+from gil_megatron.data import SequenceBatch, load_sft, options_from_config
 from gil_megatron.stages.common import (
     Stage, Sums, add_group_sums, chunks, run, sequence_microbatch, sums_from_means, token_logprobs,
 )
@@ -33,7 +34,7 @@ class SFTStage(Stage):
     def load_dataset(self, path: str):
         d = self.cfg.data
         return load_sft(path, self.tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                        too_long=d.too_long)
+                        too_long=d.too_long, **options_from_config(d))
 
     def microbatches(self, batch: SequenceBatch) -> List[Dict[str, torch.Tensor]]:
         return [sequence_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
@@ -60,3 +61,9 @@ class SFTStage(Stage):
 
 def main(argv) -> Dict[str, float]:
     return run(SFTStage, argv)
+
+
+if __name__ == "__main__":
+    from gil_megatron.cli import stage_main
+
+    stage_main("gil_megatron.stages.sft")
