@@ -150,16 +150,33 @@ def load_checkpoint(path: str, layout: ParallelLayout, models: Dict[str, torch.n
     dp_rank = layout.dp_rank if shard_optimizer_across_dp else 0
     for name, trainable in trainables.items():
         optim_path = os.path.join(path, "optim", f"{name}_tp{layout.tp_rank:02d}_pp{layout.pp_rank:03d}_dp{dp_rank:03d}.pt")
-        trainable.load_state_dict(torch.load(optim_path, weights_only=False))
+        trainable.load_state_dict(safe_torch_load(optim_path))
     rng_path = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
-    set_rng_state(torch.load(rng_path, weights_only=False))
+    set_rng_state(safe_torch_load(rng_path))
     return state
+
+
+def safe_torch_load(path: str):
+    """torch.load that only rebuilds tensors and plain containers (never runs pickled code): a
+    checkpoint file referencing anything else is refused with one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise CheckpointError(f"{path} is not plain checkpoint data (it would run code when unpickled: "
+                              f"{detail.strip()[:200]}); refusing to load it") from None
 
 
 def rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain containers and tensors only, so that loading needs no unpickling of arbitrary objects
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state(),
              "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -170,7 +187,8 @@ def set_rng_state(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
