@@ -53,6 +53,26 @@ class OptimSettings:
 RECOMPUTE = ("none", "selective", "full")
 
 
+def _patch_step_state_on_load() -> None:
+    """megatron-core 0.19.2 without apex / TE (torch Adam: CPU, or a GPU without them): loading the
+    DistributedOptimizer's fully_reshardable state puts the Adam ``step`` tensor into each
+    parameter's state, then copies every state tensor from the checkpoint's per-parameter dict,
+    which never holds ``step`` (KeyError 'step' in _set_main_param_and_optimizer_states). The step
+    is already restored from the param groups; skip it there. No effect with apex / TE."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True) or getattr(cls, "_gil_step_patch", False):
+        return
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})  # None: "not a tensor, skip"
+
+    cls._set_main_param_and_optimizer_states = set_states
+    cls._gil_step_patch = True
+
+
 def set_recompute(model: torch.nn.Module, mode: str) -> None:
     """Activation recomputation in the backward pass (megatron's ``recompute_granularity``).
 
@@ -80,6 +100,8 @@ class Trainable:
         set_recompute(model, recompute)
         bf16 = next(model.parameters()).dtype == torch.bfloat16
         sharded = bf16 if settings.distributed_optimizer is None else settings.distributed_optimizer
+        if sharded:
+            _patch_step_state_on_load()
         self.distributed_optimizer = sharded
         config = model.config
         ddp_config = DistributedDataParallelConfig(
@@ -146,10 +168,25 @@ class Trainable:
         """Weights, optimizer and LR schedule for megatron dist_checkpointing. Every tensor carries
         its global shape and this rank's offsets, so any TP / PP / DP layout can load it; the
         distributed optimizer uses megatron's ``fully_reshardable`` form for the same reason."""
+        self._ensure_optimizer_state()
         model_sd = _without_objects(_model_sharded_state_dict(self.module, prefix + "model."))
         optim_sd = self.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}
+
+    def _ensure_optimizer_state(self) -> None:
+        """Give a never-stepped optimizer its (zero) Adam state, as torch would on the first step.
+        megatron's sharded state dict needs the state tensors to exist (to load into them, or to
+        save a checkpoint before the first step), and without apex/TE its DistributedOptimizer
+        reads the step count from them."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            if any(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+                continue
+            opt.init_state_fn(inner, opt.config)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p].setdefault("step", torch.tensor(0.0))
 
     def load_sharded(self, loaded: dict, prefix: str) -> None:
         """Inverse of ``sharded_state_dict`` on the tensors dist_checkpointing.load returned."""
@@ -160,6 +197,13 @@ class Trainable:
         self.reload_model_params()
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
+        # megatron (without apex / TE) gives every parameter's Adam state ONE shared ``step``
+        # tensor; torch Adam increments each parameter's step in place, so a shared one would
+        # advance once per parameter per step (wrong bias correction after a resume)
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for state in opt.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
 
     def reload_model_params(self) -> None:
         """After weights are copied into the model, refresh the optimizer's fp32 main copy from them

@@ -5,7 +5,9 @@ tiny model:
   loss, gradient norm and weights as resuming at TP2 (fp32 tolerance); resuming at TP2 equals an
   uninterrupted run bit for bit;
 - loading never runs pickled code: every pickle-bearing file replaced by a code-running pickle is
-  refused with one line.
+  refused with one line;
+- bf16 parameters with fp32 main weights at DP2: megatron's DistributedOptimizer takes the plain
+  mixed-precision optimizer's steps, and its checkpoint resumes exactly (slow).
 """
 
 import contextlib
@@ -96,6 +98,10 @@ def _check_resumes(out, names, exact_to=None, rtol=1e-5, atol=1e-6):
     """Step 3 of each resumed run vs the same-layout resume ``tp2``: metrics and final weights."""
     ref_m, ref_w = _metrics(os.path.join(out, "tp2"))[-1], _weights(os.path.join(out, "tp2", "model"))
     assert ref_m["iteration"] == 3
+    from gil_megatron.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(os.path.join(out, "tp2"))
+    assert os.path.isfile(os.path.join(ckpt, "model", "tokenizer.json"))  # the checkpoint's model travels
     for name in names:
         m, w = _metrics(os.path.join(out, name))[-1], _weights(os.path.join(out, name, "model"))
         assert m["iteration"] == 3, name
@@ -260,23 +266,25 @@ def _bf16_steps(init: str, out: str, distributed_optimizer: bool, tp: int, steps
 
 
 def _main_params(trainable):
-    """name -> fp32 main weight (megatron sets ``param.main_param``; the distributed optimizer holds
-    only this DP rank's slice of the flattened parameter, so the slices are summed over DP)."""
+    """name -> fp32 main weight. megatron sets ``param.main_param`` on bf16 parameters; the
+    distributed optimizer only on this DP rank's share, a slice of the flattened parameter, so the
+    slices are summed over DP. fp32 parameters (megatron's local RMSNorm) are their own main weight."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     out = {}
     for name, p in trainable.module.named_parameters():
-        main = p.main_param
-        if getattr(p, "main_param_sharded", False):
+        if p.dtype == torch.float32:
+            out[name] = p.detach().clone()
+        elif trainable.distributed_optimizer:  # every rank takes part in the all-reduce
             full = torch.zeros(p.numel(), dtype=torch.float32)
-            rng = trainable.optimizer.chained_optimizers[0]._get_model_param_range_map(p)["param"]
-            full[rng.start:rng.end] = main.detach().float()
+            if getattr(p, "main_param", None) is not None:
+                rng = trainable.optimizer.chained_optimizers[0]._get_model_param_range_map(p)["param"]
+                full[rng.start:rng.end] = p.main_param.detach().float()
             dist.all_reduce(full, group=parallel_state.get_data_parallel_group())
             out[name] = full.view(p.shape)
         else:
-            out[name] = main.detach().float().view(p.shape).clone()
-    assert out, "no fp32 main weights: the optimizer is not the mixed-precision one"
+            out[name] = p.main_param.detach().float().view(p.shape).clone()
     return out
 
 
@@ -292,6 +300,7 @@ def _mixed_precision_runs(init: str, out: str):
     return r
 
 
+@pytest.mark.slow
 def test_bf16_distributed_optimizer_and_its_checkpoint(sft_data, tmp_path):
     """bf16 weights, fp32 main weights and gradients at DP2 on CPU: megatron's DistributedOptimizer
     takes the same 4 steps as the plain mixed-precision optimizer; its checkpoint (saved after step
@@ -306,4 +315,5 @@ def test_bf16_distributed_optimizer_and_its_checkpoint(sft_data, tmp_path):
     assert resumed["norms"] == sharded["norms"][2:]
     for name, w in sharded["main"].items():
         assert torch.equal(resumed["main"][name], w), name
-    assert tp2["norms"] == pytest.approx(sharded["norms"][2:], rel=1e-5)
+    # bf16 forward/backward rounds differently when the matmuls are split over TP: bf16 tolerance
+    assert tp2["norms"] == pytest.approx(sharded["norms"][2:], rel=2e-3)

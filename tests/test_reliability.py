@@ -162,6 +162,8 @@ def test_rank_killed_mid_run_and_during_save_resumes_exactly(mini, tmp_path):  #
     assert metrics(faulty) == metrics(clean)
     ckpts = complete_checkpoints(str(faulty))
     assert [os.path.basename(c) for c in ckpts] == ["iter_0000004"]  # keep_last=1 rotated iteration 2 away
+    for model in ("actor", "critic"):  # every model directory carries the tokenizer (for --to-hf)
+        assert os.path.isfile(os.path.join(ckpts[-1], model, "tokenizer.json")), model
     a = dict(hf_tensors_of_checkpoint(os.path.join(complete_checkpoints(str(clean))[-1], "actor")))
     b = dict(hf_tensors_of_checkpoint(os.path.join(ckpts[-1], "actor")))
     assert all(torch.equal(a[n], b[n]) for n in a)
