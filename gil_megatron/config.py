@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Type, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gil_megatron.optim import OptimSettings
+from gil_megatron.optim import RECOMPUTE, OptimSettings
 
 T = TypeVar("T")
 
@@ -280,9 +280,13 @@ class TrainConfig:
     """Checkpoint every N iterations (0 = only at the end)."""
     max_bad_steps: int = 3
     """Stop after this many consecutive iterations with non-finite values (each is skipped)."""
+    recompute: str = "none"
+    """Activation recomputation of the trained models: none | selective (core attention) | full
+    (whole layers); less activation memory for more compute, same math."""
 
     def validate(self):
         _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")
+        _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
 
 
 @dataclass
@@ -454,9 +458,12 @@ class StageTrainConfig:
     eval_every: int = 0
     save_every: int = 0
     eval_batch_size: int = 64
+    recompute: str = "none"
+    """Activation recomputation: none | selective (core attention) | full (whole layers)."""
 
     def validate(self):
         _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
         _require(self.global_batch_size > 0 and self.micro_batch_size > 0,
                  "train.global_batch_size and train.micro_batch_size must be > 0")
 

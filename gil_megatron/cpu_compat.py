@@ -2,8 +2,9 @@
 
 Applied once by ``gil_megatron.distributed.initialize`` and ONLY when ``torch.cuda.is_available()``
 is False, so the GPU path never sees any of this. Each patch says why it exists. Measured against
-megatron-core 0.19.2: with these, GPTModel (local spec), TP, 1F1B pipelining, megatron DDP and the
-fp32 optimizer all run on CPU and TP/PP layouts agree with the single-rank result.
+megatron-core 0.19.2: with these, GPTModel (local spec), TP, 1F1B pipelining, megatron DDP, the fp32,
+bf16 mixed-precision and distributed optimizers and dist_checkpointing run on CPU, and TP/PP layouts
+agree with the single-rank result.
 """
 
 import contextlib
@@ -20,6 +21,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.transformer.utils",  # the default causal mask
     "megatron.core.utils",  # the apex-free multi-tensor l2 norm used by grad clipping
+    "megatron.core.optimizer.distrib_optimizer",  # the distributed optimizer's gather buffers
 )
 
 
@@ -121,6 +123,10 @@ def apply() -> None:
     )
     mp_random._CUDA_RNG_STATE_TRACKER = cpu_tracker_cls()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # activation recomputation (tensor_parallel.checkpoint) saves and restores the CUDA generator
+    # beside the CPU one and the tracker's; without CUDA there is none to save.
+    mp_random._get_cuda_rng_state = lambda *a, **k: None
+    mp_random._set_cuda_rng_state = lambda *a, **k: None
 
     # literal device="cuda" tensors in schedules, grad clipping and grad finalisation.
     proxy = _TorchWithCpuDevice()
@@ -131,7 +137,40 @@ def apply() -> None:
 
     # clip_grad_by_total_norm_fp32 / the fp32 optimizer assert tensors are torch.cuda.FloatTensor.
     _relax_cuda_type_asserts()
+    # the mixed-precision and distributed optimizers sort parameters by their CUDA type name.
+    _cuda_type_names_in_optimizer_constructors()
     _APPLIED = True
+
+
+def _cuda_type_names_in_optimizer_constructors() -> None:
+    """Float16OptimizerWithFloat16Params and DistributedOptimizer pick fp32 main copies by
+    ``param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']`` and raise TypeError for
+    anything else. While (only while) they are constructed, CPU tensors answer with the CUDA name
+    of their dtype, so bf16 training on CPU gets fp32 main weights exactly as on a GPU."""
+    import functools
+
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    plain_type = torch.Tensor.type
+
+    def cuda_named_type(self, *args, **kwargs):
+        name = plain_type(self, *args, **kwargs)
+        if not args and not kwargs and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    def with_cuda_names(init):
+        @functools.wraps(init)
+        def wrapped(*args, **kwargs):
+            torch.Tensor.type = cuda_named_type
+            try:
+                return init(*args, **kwargs)
+            finally:
+                torch.Tensor.type = plain_type
+        return wrapped
+
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = with_cuda_names(cls.__init__)
 
 
 def _relax_cuda_type_asserts() -> None:

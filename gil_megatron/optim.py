@@ -1,11 +1,14 @@
-"""megatron DDP + optimizer + LR schedule around a model, and one optimizer step over micro-batches.
+"""megatron DDP + optimizer + LR schedule around a model, one optimizer step over micro-batches, and
+the model + optimizer + schedule as one sharded state dict for megatron's dist_checkpointing.
 
-GPU: bf16 params with fp32 main weights and megatron's distributed optimizer.
-CPU: fp32 and the plain megatron optimizer (the mixed-precision optimizers assert CUDA tensors).
+bf16 parameters train with fp32 main weights and fp32 gradients (megatron's mixed-precision
+optimizer), on GPU and on CPU alike; ``distributed_optimizer`` shards the fp32 main weights and the
+Adam moments over data-parallel ranks (megatron's DistributedOptimizer, on by default with bf16).
+On CPU, gil_megatron/cpu_compat.py lets megatron's CUDA-only type checks accept CPU tensors.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -34,6 +37,9 @@ class OptimSettings:
     """Optimizer steps over which LR decays to min_lr (0 = constant after warmup)."""
     decay_style: str = "cosine"
     """constant | linear | cosine"""
+    distributed_optimizer: Optional[bool] = None
+    """Shard fp32 main weights and Adam moments over data-parallel ranks (megatron's
+    DistributedOptimizer). null = on for bf16 models, off for fp32 ones."""
 
     def validate(self):
         if self.lr <= 0:
@@ -44,17 +50,64 @@ class OptimSettings:
             raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
 
 
-class Trainable:
-    """A model wrapped for training: megatron DDP, optimizer, LR scheduler."""
+RECOMPUTE = ("none", "selective", "full")
 
-    def __init__(self, model: torch.nn.Module, settings: OptimSettings):
-        on_gpu = torch.cuda.is_available()
+
+def _patch_step_state_on_load() -> None:
+    """megatron-core 0.19.2 without apex / TE (torch Adam: CPU, or a GPU without them): loading the
+    DistributedOptimizer's fully_reshardable state puts the Adam ``step`` tensor into each
+    parameter's state, then copies every state tensor from the checkpoint's per-parameter dict,
+    which never holds ``step`` (KeyError 'step' in _set_main_param_and_optimizer_states). The step
+    is already restored from the param groups; skip it there. No effect with apex / TE."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True) or getattr(cls, "_gil_step_patch", False):
+        return
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})  # None: "not a tensor, skip"
+
+    cls._set_main_param_and_optimizer_states = set_states
+    cls._gil_step_patch = True
+
+
+def set_recompute(model: torch.nn.Module, mode: str) -> None:
+    """Activation recomputation in the backward pass (megatron's ``recompute_granularity``).
+
+    selective: recompute core attention, softmax(QK^T/sqrt(d)) V, whose activations grow with s^2;
+    full: keep only each layer's input and recompute the whole layer (uniform, one layer per
+    checkpoint). The math is unchanged; memory drops for extra forward compute."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"train.recompute={mode!r}; valid: {', '.join(RECOMPUTE)}")
+    config = model.config
+    config.recompute_granularity = None if mode == "none" else mode
+    config.recompute_method = "uniform" if mode == "full" else None
+    config.recompute_num_layers = 1 if mode == "full" else None
+    if mode == "selective":
+        config.recompute_modules = ["core_attn"]
+    for module in model.modules():  # attention decides this at construction; the model already exists
+        if hasattr(module, "checkpoint_core_attention"):
+            module.checkpoint_core_attention = mode == "selective"
+
+
+class Trainable:
+    """A model wrapped for training: megatron DDP, optimizer, LR scheduler (and the model's
+    activation recomputation, ``recompute``: none | selective | full)."""
+
+    def __init__(self, model: torch.nn.Module, settings: OptimSettings, recompute: str = "none"):
+        set_recompute(model, recompute)
         bf16 = next(model.parameters()).dtype == torch.bfloat16
+        sharded = bf16 if settings.distributed_optimizer is None else settings.distributed_optimizer
+        if sharded:
+            _patch_step_state_on_load()
+        self.distributed_optimizer = sharded
         config = model.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=on_gpu and bf16,
+            use_distributed_optimizer=sharded,
             check_for_nan_in_grad=False,  # our own guard counts and skips instead of raising
         )
         self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
@@ -64,7 +117,7 @@ class Trainable:
             optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
             adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
             clip_grad=settings.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=on_gpu and bf16,
+            use_distributed_optimizer=sharded,
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         steps = max(settings.warmup_steps + settings.decay_steps, 1)
@@ -110,12 +163,83 @@ class Trainable:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    # ---- checkpointing (gil_megatron/checkpoint.py) ---------------------------------------------
+    def sharded_state_dict(self, prefix: str, is_loading: bool = False) -> dict:
+        """Weights, optimizer and LR schedule for megatron dist_checkpointing. Every tensor carries
+        its global shape and this rank's offsets, so any TP / PP / DP layout can load it; the
+        distributed optimizer uses megatron's ``fully_reshardable`` form for the same reason."""
+        self._ensure_optimizer_state()
+        model_sd = _without_objects(_model_sharded_state_dict(self.module, prefix + "model."))
+        optim_sd = self.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def _ensure_optimizer_state(self) -> None:
+        """Give a never-stepped optimizer its (zero) Adam state, as torch would on the first step.
+        megatron's sharded state dict needs the state tensors to exist (to load into them, or to
+        save a checkpoint before the first step), and without apex/TE its DistributedOptimizer
+        reads the step count from them."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            if any(len(inner.state[p]) for g in inner.param_groups for p in g["params"]):
+                continue
+            opt.init_state_fn(inner, opt.config)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p].setdefault("step", torch.tensor(0.0))
+
+    def load_sharded(self, loaded: dict, prefix: str) -> None:
+        """Inverse of ``sharded_state_dict`` on the tensors dist_checkpointing.load returned."""
+        from gil_megatron.models.weights import load_into_model
+
+        model_prefix = prefix + "model."
+        load_into_model(self.module, {k[len(model_prefix):]: v for k, v in loaded["model"].items()})
+        self.reload_model_params()
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        # megatron (without apex / TE) gives every parameter's Adam state ONE shared ``step``
+        # tensor; torch Adam increments each parameter's step in place, so a shared one would
+        # advance once per parameter per step (wrong bias correction after a resume)
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for state in opt.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+    def reload_model_params(self) -> None:
+        """After weights are copied into the model, refresh the optimizer's fp32 main copy from them
+        (mixed precision: otherwise the next step would continue from the old main weights)."""
+        self.optimizer.reload_model_params()
+
+
+def _model_sharded_state_dict(model: torch.nn.Module, prefix: str) -> dict:
+    """megatron's sharded state dict of a LlamaModel. The critic's and reward model's heads replace
+    GPTModel's ``output_layer``, whose vocab-padded ``output_layer.weight`` megatron's LanguageModule
+    special-cases on the last stage; for those roles that step is skipped (the head is a plain
+    module, saved replicated across TP like any other). Belongs in LlamaModel.sharded_state_dict."""
+    if getattr(model, "role", "actor") == "actor" or not model.post_process:
+        return model.sharded_state_dict(prefix=prefix)
+    model.post_process = False
+    try:
+        return model.sharded_state_dict(prefix=prefix)
+    finally:
+        model.post_process = True
+
+
+def _without_objects(sharded: dict) -> dict:
+    """Drop ShardedObject entries (megatron layers' ``_extra_state``, empty without fp8): they would be
+    stored as pickles, which loading then refuses (gil_megatron/checkpoint.py)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out = {}
+    for key, value in sharded.items():
+        if isinstance(value, dict):
+            out[key] = _without_objects(value)
+        elif isinstance(value, ShardedObject):
+            if "_extra_state" not in key:
+                raise ValueError(f"unexpected non-tensor checkpoint entry {key!r}")
+        else:
+            out[key] = value
+    return out
 
 
 def main_grads(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -71,9 +71,9 @@ class PPOTrainer:
         else:
             self.reward_model, self.reward_fn = None, RewardFunction(m.reward_fn)
         self.gold_fn = RewardFunction(m.gold_reward_fn) if m.gold_reward_fn else None
-        self.actor_train = Trainable(self.actor, cfg.actor_optim)
+        self.actor_train = Trainable(self.actor, cfg.actor_optim, recompute=cfg.train.recompute)
         if self.critic is not None:
-            self.critic_train = Trainable(self.critic, cfg.critic_optim)
+            self.critic_train = Trainable(self.critic, cfg.critic_optim, recompute=cfg.train.recompute)
 
         prompts = load_prompts(cfg.data.train_prompts, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                                too_long=cfg.data.too_long, **options_from_config(cfg.data))
@@ -336,7 +336,7 @@ class PPOTrainer:
     def _trainer_state(self) -> dict:
         return {"data": self.loader.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                 "reward_moments": {k: v.tolist() for k, v in self.reward_moments.state_dict().items()},
-                "generator": self.generator.get_state().tolist(), "prev_high_group": self.prev_high_group,
+                "prev_high_group": self.prev_high_group,
                 "high_group_flips": self.high_group_flips, "bad_steps": self.bad_steps}
 
     def _trained_models(self):
@@ -346,19 +346,23 @@ class PPOTrainer:
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.cfg.run_dir, self.iteration, self.layout,
-                                    *self._trained_models(),
-                                    self._trainer_state(), self.cfg.checkpoint.keep_last)
+                                    *self._trained_models(), self._trainer_state(), self.cfg.checkpoint.keep_last,
+                                    tokenizer_dir=self.cfg.models.tokenizer or self.cfg.models.actor,
+                                    rank_state={"generator": self.generator.get_state().tolist()})
 
     def _resume(self) -> None:
         path = ckpt.resolve_resume(self.cfg.run_dir, self.cfg.checkpoint.resume)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.layout, *self._trained_models())
+        state = ckpt.load_checkpoint(path, self.layout, self._trained_models()[1])
         self.iteration = state["iteration"]
         self.loader.load_state_dict(state["data"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_moments.load_state_dict({k: torch.tensor(v) for k, v in state["reward_moments"].items()})
-        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        if state["rank_state"] is not None:  # same layout: this rank's sampling stream continues exactly
+            self.generator.set_state(torch.tensor(state["rank_state"]["generator"], dtype=torch.uint8))
+        else:  # another layout: a fresh stream per data-parallel replica (same on its TP/PP ranks)
+            self.generator.manual_seed(self.cfg.seed * 1000 + self.layout.dp_rank + 7919 * self.iteration)
         self.prev_high_group = state["prev_high_group"]
         self.high_group_flips = state["high_group_flips"]
         self.bad_steps = state["bad_steps"]

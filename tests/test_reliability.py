@@ -101,8 +101,8 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
         "missing checkpoint": (argv(**{"models.actor": str(bad / "nope")}), "does not exist"),
         "not our format": (argv(**{"models.actor": str(bad / "hf_like")}), "convert a HF model"),
         "head shape": (argv(**{"models.critic": models["critic3"]}), "shape of 'output_layer.score.weight'"),
-        "resume other layout": (overrides(mini, bad / "run_other", **{"parallel.tp": 2, "checkpoint.resume": "auto"}),
-                                "resume with the same layout"),
+        "resume old format": (overrides(mini, bad / "run_other", **{"parallel.tp": 2, "checkpoint.resume": "auto"}),
+                              "older checkpoint format"),
         "does not fit": (argv(**{"models.actor": str(huge)}), "do not fit: estimated"),
         "missing tokenizer": (argv(**{"models.tokenizer": str(bad / "nope_tok")}), "no tokenizer"),
         "reward fn import": (argv(**{"models.reward_model": "null", "models.reward_fn": "no_such_module:f"}),
@@ -162,6 +162,8 @@ def test_rank_killed_mid_run_and_during_save_resumes_exactly(mini, tmp_path):  #
     assert metrics(faulty) == metrics(clean)
     ckpts = complete_checkpoints(str(faulty))
     assert [os.path.basename(c) for c in ckpts] == ["iter_0000004"]  # keep_last=1 rotated iteration 2 away
+    for model in ("actor", "critic"):  # every model directory carries the tokenizer (for --to-hf)
+        assert os.path.isfile(os.path.join(ckpts[-1], model, "tokenizer.json")), model
     a = dict(hf_tensors_of_checkpoint(os.path.join(complete_checkpoints(str(clean))[-1], "actor")))
     b = dict(hf_tensors_of_checkpoint(os.path.join(ckpts[-1], "actor")))
     assert all(torch.equal(a[n], b[n]) for n in a)

@@ -7,7 +7,7 @@ denominator, and the loss of one micro-batch. Everything else is here, in the or
     config + tokenizer + datasets      (data errors surface before any process group exists)
     distributed.initialize(tp, pp)     dp = world / (tp * pp)
     model_from_checkpoint(init, role)  -> Trainable (megatron DDP + optimizer + LR schedule)
-    resume (checkpoint.resume=auto)    weights, optimizer, scheduler, RNG, data cursor
+    resume (checkpoint.resume=auto)    weights, optimizer, scheduler, RNG, data cursor (any layout)
     per optimizer step:
         batch = loader.next_batch()                  this rank's global_batch_size / dp examples
         mbs = stage.microbatches(batch)              micro_batch_size examples each, on the device
@@ -372,7 +372,7 @@ def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
                           f"the data-parallel size {layout.dp}")
     dtype = resolve_dtype("auto")
     model = model_from_checkpoint(cfg.init, stage.role, layout, dtype)
-    trainable = Trainable(model, cfg.optim)
+    trainable = Trainable(model, cfg.optim, recompute=cfg.train.recompute)
     stage.setup(layout, dtype)
     loader = DataLoader(train_set, cfg.train.global_batch_size, seed=cfg.seed, pad_token_id=stage.pad_id,
                         dp_rank=layout.dp_rank, dp_size=layout.dp)
@@ -385,7 +385,7 @@ def resume(r: StageRun) -> Tuple[int, Optional[str]]:
     path = resolve_resume(r.cfg.run_dir, r.cfg.checkpoint.resume)
     if path is None:
         return 0, None
-    state = load_checkpoint(path, r.layout, {MODEL_KEY: r.model}, {MODEL_KEY: r.trainable})
+    state = load_checkpoint(path, r.layout, {MODEL_KEY: r.trainable})
     if state.get("stage") != r.stage.name:
         raise CheckpointError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not "
                               f"{r.stage.name!r}; use another run_dir or checkpoint.resume=none")
@@ -421,7 +421,8 @@ def run(stage_cls, argv: Sequence[str]) -> Dict[str, float]:
         logger.log(step, metrics, show=stage.show)
         if step == steps or (save_every and step % save_every == 0):
             save_checkpoint(cfg.run_dir, step, layout, {MODEL_KEY: r.model}, {MODEL_KEY: r.trainable},
-                            {"stage": stage.name, "data": r.loader.state_dict()}, cfg.checkpoint.keep_last)
+                            {"stage": stage.name, "data": r.loader.state_dict()}, cfg.checkpoint.keep_last,
+                            tokenizer_dir=r.tokenizer_dir)
         last = {"step": step, **metrics}
     if not last:  # nothing left to train (steps=0, or resumed at the end): evaluate what we have
         last = {"step": start}
