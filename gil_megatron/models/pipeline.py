@@ -7,7 +7,6 @@ of micro-batches to undo the schedule's own averaging, so the gradient is exactl
 objective, whatever the micro-batch split.
 """
 
-from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 from safetensors import safe_open
