@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gil_megatron import distributed
+from gil_megatron import collectives, distributed
 from gil_megatron.algo.gil import assignment_agreement
 from gil_megatron.data import PromptDataset, eval_batches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
@@ -113,9 +113,7 @@ def _tp_reducers():
 
     def reducer(op):
         def reduce(t):
-            t = t.contiguous()
-            dist.all_reduce(t, op=op, group=group)
-            return t
+            return collectives.all_reduce(t, group, op=op)
         return reduce
     return reducer(dist.ReduceOp.MAX), reducer(dist.ReduceOp.SUM)
 
@@ -195,9 +193,7 @@ def generate_and_score(actor: torch.nn.Module, dataset: PromptDataset, scorers: 
             rec.update({k: col[row] for k, col in columns.items()})
             records.append(rec)
     if dp > 1:
-        parts: List[Optional[List[dict]]] = [None] * dp
-        dist.all_gather_object(parts, records, group=dp_group)
-        records = [r for part in parts for r in part]
+        records = [r for part in collectives.all_gather_object(records, dp_group) for r in part]
     return sorted(records, key=lambda r: r["index"])
 
 

@@ -54,6 +54,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from gil_megatron import collectives
+
 
 @dataclass
 class SamplingSettings:
@@ -174,7 +176,7 @@ class _StageLink:
 
     def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pp > 1:
-            dist.broadcast(tokens, src=self.last_rank, group=self.group)
+            collectives.broadcast(tokens, self.last_rank, self.group)
         return tokens
 
     def sync_generator(self, generator: Optional[torch.Generator], device: torch.device) -> None:
@@ -182,7 +184,7 @@ class _StageLink:
         if self.pp == 1 or generator is None:
             return
         state = generator.get_state().to(device)
-        dist.broadcast(state, src=self.last_rank, group=self.group)
+        collectives.broadcast(state, self.last_rank, self.group)
         generator.set_state(state.cpu())
 
 

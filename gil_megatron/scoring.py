@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from gil_megatron import collectives
 from gil_megatron.models.llama import score_at_last, split_critic_output
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
 from gil_megatron.ops.logprob import vocab_parallel_logprobs
@@ -117,11 +118,10 @@ class RewardFunction:
             except Exception as exc:  # re-raised on every rank below
                 result[0] = exc
         group = parallel_state.get_model_parallel_group()
-        if dist.get_world_size(group) > 1:
-            dist.broadcast_object_list(result, src=dist.get_global_rank(group, 0), group=group)
-        if isinstance(result[0], Exception):
-            raise result[0]
-        return result[0]
+        result = collectives.broadcast_object(result[0], dist.get_global_rank(group, 0), group)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
 
 def is_model_parallel_src() -> bool:

@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 
 from gil_megatron import checkpoint as ckpt
 from gil_megatron import distributed, faults, memory
-from gil_megatron import objectives
+from gil_megatron import collectives, objectives
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
 from gil_megatron.data import DataLoader, load_prompts, options_from_config, pad_token_id
@@ -443,8 +443,8 @@ def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, t
     if dp == 1:
         return dict(local)
     device = distributed.device()  # nccl collectives need device tensors
-    seq_len = torch.tensor([local["sequences"].shape[1]], device=device)
-    dist.all_reduce(seq_len, op=dist.ReduceOp.MAX, group=group)
+    seq_len = collectives.all_reduce(torch.tensor([local["sequences"].shape[1]], device=device), group,
+                                     op=dist.ReduceOp.MAX)
     s = int(seq_len)
     out = {}
     for name, t in local.items():
@@ -452,9 +452,7 @@ def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, t
             width = s if name == "sequences" else s - 1
             fill = pad_id if name == "sequences" else 0
             t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
-        t = t.to(device)
-        parts = [torch.empty_like(t) for _ in range(dp)]
-        dist.all_gather(parts, t.contiguous(), group=group)
+        parts = collectives.all_gather(t.to(device), group)
         out[name] = torch.stack(parts, dim=1).reshape(-1, *t.shape[1:]).cpu()  # interleave rows
     return out
 
@@ -470,8 +468,7 @@ def reduce_microbatch_metrics(metrics: List[Dict[str, torch.Tensor]], sum_keys=(
         else torch.stack([m[k].float() for m in metrics if k in m]).mean() for k in keys])
     group = parallel_state.get_data_parallel_group()
     if dist.get_world_size(group) > 1:
-        dist.all_reduce(values, group=group)
-        values /= dist.get_world_size(group)
+        values = collectives.all_reduce(values, group) / dist.get_world_size(group)
     return dict(zip(keys, values.tolist()))
 
 
@@ -479,10 +476,8 @@ def sync_metrics_to_rank0(metrics: Dict[str, float]) -> Dict[str, float]:
     """Training-step metrics exist on the last pipeline stage; rank 0 (first stage) logs them."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return metrics
-    obj = [metrics]
-    dist.broadcast_object_list(obj, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=parallel_state.get_pipeline_model_parallel_group())
-    merged = dict(obj[0])
+    merged = dict(collectives.broadcast_object(metrics, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                               parallel_state.get_pipeline_model_parallel_group()))
     merged.update({k: v for k, v in metrics.items() if k not in merged})
     return merged
 

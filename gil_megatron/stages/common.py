@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gil_megatron import distributed
+from gil_megatron import collectives, distributed
 from gil_megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv, to_dict
 from gil_megatron.data import DataLoader, PreferenceBatch, SequenceBatch, eval_batches, pad_token_id
@@ -229,17 +229,15 @@ def reduce_sums(per_microbatch: List[Sums], layout: ParallelLayout, prefix: str,
         parts = [torch.stack([s[k] for s in per_microbatch]).sum(0).reshape(-1) for k in keys]
         flat = torch.cat(parts).double()
         if layout.dp > 1:
-            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+            flat = collectives.all_reduce(flat, parallel_state.get_data_parallel_group())
         values = flat.tolist()  # the one host sync
         totals, i = {}, 0
         for k, p in zip(keys, parts):
             totals[k], i = values[i:i + p.numel()], i + p.numel()
         result = _divide(totals, prefix, count_name, group_names)
     if layout.pp > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                   group=parallel_state.get_pipeline_model_parallel_group())
-        result = box[0]
+        result = collectives.broadcast_object(result, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                              parallel_state.get_pipeline_model_parallel_group())
     return result
 
 
@@ -270,7 +268,7 @@ def global_count(stage: Stage, mbs, layout: ParallelLayout) -> torch.Tensor:
     """sum over this step's global batch of ``stage.count`` (every rank computes it from its data)."""
     total = torch.stack([stage.count(mb).double() for mb in mbs]).sum()
     if layout.dp > 1:
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        total = collectives.all_reduce(total, parallel_state.get_data_parallel_group())
     return total
 
 
