@@ -11,24 +11,33 @@ move (forward: read logits; forward+backward: read them twice and write grad-log
 time, also as a percentage of the device's copy bandwidth (a large tensor copy, bytes read + written
 / time). The last line gives the ratios a/c and b/c.
 
-Peak extra memory is the peak of bytes allocated above what was allocated before the call, outputs
-and autograd buffers included, the inputs excluded:
-  - on GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the baseline.
-  - on CPU: the running sum of every allocation and free of torch's CPU allocator, recorded by the
-    torch profiler (profile_memory=True, one extra run outside the timed ones); its maximum is the
-    peak. Unlike resident-set deltas this sees short-lived temporaries and is not blurred by the
-    malloc cache; it does not see memory that does not come from torch's allocator (the kernel's
-    per-thread 16 KiB stack buffers).
+Peak extra memory is measured during one extra call (outside the timed ones), outputs and autograd
+buffers included, the inputs excluded:
+  - on GPU ("alloc MiB"): torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
+    what was allocated before the call.
+  - on CPU, two measurements:
+    "alloc MiB": the running sum of every allocation and free of torch's CPU allocator, recorded by
+      the torch profiler (profile_memory=True); its maximum is the peak. It sees short-lived
+      temporaries but not memory that does not come from torch's allocator (the kernel's per-thread
+      stack buffers, OpenMP).
+    "RSS MiB": the process's resident-set high-water mark during the call above its resident set
+      before it (Linux: the mark is reset by writing 5 to /proc/self/clear_refs, then read from
+      VmHWM in /proc/self/status). It sees every byte touched, whoever allocated it. So that freed
+      memory is not silently reused from malloc's cache, the script re-runs itself with
+      MALLOC_MMAP_THRESHOLD_=65536 and MALLOC_TRIM_THRESHOLD_=0 (glibc gives blocks of 64 KiB and
+      more back to the system on free).
 
 Usage (run from the repository root; this is not a timed test):
     python benchmarks/bench_logprob.py                 # shapes 4096x32000, 16384x32000, 4096x128256
     python benchmarks/bench_logprob.py --quick         # small shapes, a smoke run
     python benchmarks/bench_logprob.py --device cuda --dtypes fp32,bf16
+    python benchmarks/bench_logprob.py --shapes 4096x32000,4096x128256
 Megatron (b) needs megatron-core; without it that row is skipped. On CPU a one-rank gloo group is
 created for it.
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -157,6 +166,48 @@ def peak_extra_bytes(fn, device):
     return peak
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_peak_extra_bytes(fn):
+    """Resident-set high-water mark during fn() above the resident set before it; None where the
+    mark cannot be reset (not Linux)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+    except OSError:
+        return None
+    base = _status_kib("VmRSS")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    return (peak - base) * 1024
+
+
+def mib(nbytes):
+    if nbytes is None:
+        return "n/a"
+    return f"{nbytes / 2**20:.1f}" if nbytes >= 2**20 else f"{nbytes / 2**20:.3f}"
+
+
+def ratio(a, c):
+    """a / c, or a bound when c is below one 4 KiB page (the measurement's resolution)."""
+    if a is None or c is None:
+        return "n/a"
+    if c >= 4096:
+        return f"{a / c:.1f}x"
+    return "both<4KiB" if a < 4096 else f">{a / 4096:.0f}x"
+
+
 def copy_bandwidth(device, nbytes):
     """Bytes read + written per second by a large tensor copy."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -173,14 +224,20 @@ def main():
         "--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: fp32 on CPU, fp32,bf16 on GPU)"
     )
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    p.add_argument("--shapes", default=None, help="comma list of TOKENSxVOCAB (default: the three above)")
     p.add_argument("--no-megatron", action="store_true")
     args = p.parse_args()
 
     device = torch.device(args.device)
+    if device.type == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **MALLOC_ENV})
     dtypes = args.dtypes or ("fp32,bf16" if device.type == "cuda" else "fp32")
     dtypes = [DTYPES[d] for d in dtypes.split(",")]
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    with_rss = device.type == "cpu"
     impls = {"a:torch": impl_torch}
     megatron = None if args.no_megatron else make_impl_megatron(device)
     if megatron is not None:
@@ -196,7 +253,8 @@ def main():
     )
     header = (
         f"{'tokens x vocab':>16} {'dtype':>9} {'impl':>11} {'fwd ms':>9} {'fwd+bwd ms':>11}"
-        f" {'fwd MiB':>9} {'f+b MiB':>9} {'eff GB/s fwd/f+b':>17} {'% copy':>12}"
+        f" {'alloc MiB fwd/f+b':>19}" + (f" {'RSS MiB fwd/f+b':>17}" if with_rss else "")
+        + f" {'eff GB/s fwd/f+b':>17} {'% copy':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -220,6 +278,8 @@ def main():
                     mem_fwd=peak_extra_bytes(fwd, device),
                     mem_fb=peak_extra_bytes(fb, device),
                 )
+                if with_rss:
+                    res.update(rss_fwd=rss_peak_extra_bytes(fwd), rss_fb=rss_peak_extra_bytes(fb))
                 results[name] = res
                 bw = ""
                 if name == "c:ours":
@@ -229,9 +289,12 @@ def main():
                         f"{bw_f / 1e9:>8.1f}/{bw_fb / 1e9:<8.1f}"
                         f" {100 * bw_f / copy_bw:>5.0f}/{100 * bw_fb / copy_bw:<5.0f}"
                     )
+                rss = ""
+                if with_rss:
+                    rss = " " + f"{mib(res['rss_fwd'])}/{mib(res['rss_fb'])}".rjust(17)
                 print(
                     f"{f'{n} x {v}':>16} {str(dtype).replace('torch.', ''):>9} {name:>11} {res['fwd']:>9.2f}"
-                    f" {res['fb']:>11.2f} {res['mem_fwd'] / 2**20:>9.1f} {res['mem_fb'] / 2**20:>9.1f} {bw}",
+                    f" {res['fb']:>11.2f} {f'{mib(res['mem_fwd'])}/{mib(res['mem_fb'])}':>19}{rss} {bw}",
                     flush=True,
                 )
             if kernel_backend(device) != "reference":  # bandwidth of the kernels alone
@@ -241,20 +304,23 @@ def main():
                 bw_f, bw_fb = nbytes / (kf * 1e-3), 3 * nbytes / (kfb * 1e-3)
                 print(
                     f"{f'{n} x {v}':>16} {str(dtype).replace('torch.', ''):>9} {'c:kernels':>11} {kf:>9.2f}"
-                    f" {kfb:>11.2f} {'':>9} {'':>9} {bw_f / 1e9:>8.1f}/{bw_fb / 1e9:<8.1f}"
+                    f" {kfb:>11.2f} {'':>19}{' ' * 18 if with_rss else ''} {bw_f / 1e9:>8.1f}/{bw_fb / 1e9:<8.1f}"
                     f" {100 * bw_f / copy_bw:>5.0f}/{100 * bw_fb / copy_bw:<5.0f}",
                     flush=True,
                 )
             c = results["c:ours"]
             for name in [k for k in results if k != "c:ours"]:
                 r = results[name]
-                ratio_parts.append(
+                part = (
                     f"{n}x{v}/{str(dtype).replace('torch.', '')} {name[0]}/c: fwd {r['fwd'] / c['fwd']:.1f}x"
-                    f" f+b {r['fb'] / c['fb']:.1f}x mem {r['mem_fwd'] / max(c['mem_fwd'], 1):.0f}x"
-                    f"/{r['mem_fb'] / max(c['mem_fb'], 1):.1f}x"
+                    f" f+b {r['fb'] / c['fb']:.1f}x alloc {ratio(r['mem_fwd'], c['mem_fwd'])}"
+                    f"/{ratio(r['mem_fb'], c['mem_fb'])}"
                 )
+                if with_rss:
+                    part += f" RSS {ratio(r['rss_fwd'], c['rss_fwd'])}/{ratio(r['rss_fb'], c['rss_fb'])}"
+                ratio_parts.append(part)
             del logits, targets, ref, mask, w, x
-    print("ratios (time a/c, b/c; mem fwd/f+b): " + "; ".join(ratio_parts))
+    print("ratios (time a/c, b/c; peak extra memory fwd/f+b): " + "; ".join(ratio_parts))
 
 
 if __name__ == "__main__":
