@@ -14,9 +14,43 @@ from typing import Dict, List, Optional, Sequence, Type, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gil_megatron.optim import RECOMPUTE, OptimSettings
 
 T = TypeVar("T")
+
+
+@dataclass
+class OptimSettings:
+    SECTION = "optim"  # messages name fields as optim.x; config.validate_tree puts the real path
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decay schedule."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (across TP/PP/DP); 0 disables."""
+    warmup_steps: int = 0
+    """Linear warmup over this many optimizer steps."""
+    decay_steps: int = 0
+    """Optimizer steps over which LR decays to min_lr (0 = constant after warmup)."""
+    decay_style: str = "cosine"
+    """constant | linear | cosine"""
+    distributed_optimizer: Optional[bool] = None
+    """Shard fp32 main weights and Adam moments over data-parallel ranks (megatron's
+    DistributedOptimizer). null = on for bf16 models, off for fp32 ones."""
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.decay_style={self.decay_style!r}; valid: constant, linear, cosine")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
+
+
+RECOMPUTE = ("none", "selective", "full")
 
 
 class ConfigError(ValueError):

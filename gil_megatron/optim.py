@@ -7,7 +7,7 @@ Adam moments over data-parallel ranks (megatron's DistributedOptimizer, on by de
 On CPU, gil_megatron/cpu_compat.py lets megatron's CUDA-only type checks accept CPU tensors.
 """
 
-from dataclasses import dataclass
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -15,42 +15,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from gil_megatron.config import RECOMPUTE, OptimSettings  # noqa: F401  (re-exported)
 from gil_megatron.models.pipeline import LossFn, run_microbatches
 
 
-@dataclass
-class OptimSettings:
-    SECTION = "optim"  # messages name fields as optim.x; config.validate_tree puts the real path
-    lr: float = 1e-5
-    """Peak learning rate."""
-    min_lr: float = 0.0
-    """Floor of the decay schedule."""
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (across TP/PP/DP); 0 disables."""
-    warmup_steps: int = 0
-    """Linear warmup over this many optimizer steps."""
-    decay_steps: int = 0
-    """Optimizer steps over which LR decays to min_lr (0 = constant after warmup)."""
-    decay_style: str = "cosine"
-    """constant | linear | cosine"""
-    distributed_optimizer: Optional[bool] = None
-    """Shard fp32 main weights and Adam moments over data-parallel ranks (megatron's
-    DistributedOptimizer). null = on for bf16 models, off for fp32 ones."""
-
-    def validate(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
-        if self.decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"optim.decay_style={self.decay_style!r}; valid: constant, linear, cosine")
-        if self.warmup_steps < 0 or self.decay_steps < 0:
-            raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
-
-
-RECOMPUTE = ("none", "selective", "full")
 
 
 def _patch_step_state_on_load() -> None:
