@@ -217,6 +217,8 @@ def parse_args(argv=None):
     p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every run (e.g. rollout.batch_size=32)")
     p.add_argument("--fresh", action="store_true", help="re-run finished runs instead of reusing them")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: aggregate the runs that are finished (a partial table says which are missing)")
     p.add_argument("--measure-layouts", action="store_true",
                    help="time a few GIL iterations at TP1 x 1 rank and TP2 x 2 ranks, print iterations/min, exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run a plan under torchrun
@@ -1063,7 +1065,15 @@ def main(argv=None) -> int:
         return 0
     plan = make_plan(args, paths)
     check_plan(plan)
-    ran = launch(args, plan)
+    if args.report_only:
+        missing = [j["name"] for j in plan["jobs"] if not _finished(j)]
+        plan = {**plan, "jobs": [j for j in plan["jobs"] if _finished(j)]}
+        if missing:
+            print(f"[gil_vs_ppo] report only: {len(missing)} run(s) not finished and left out: {', '.join(missing)}",
+                  flush=True)
+        ran = 0
+    else:
+        ran = launch(args, plan)
     elapsed = time.time() - t0
     timing_path = os.path.join(args.workdir, "timing.json")
     if ran or not os.path.isfile(timing_path):
