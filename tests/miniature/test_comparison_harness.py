@@ -21,13 +21,16 @@ def h():
 
 def test_gil_v2_protocol_is_the_pre_registered_one(h):
     arms = {a.name: a for a in h.PROTOCOLS["gil_v2"]}
+    # the oracle arm: the miniature's easy families are group 0, the hard ones group 1
+    KNOWN = ("gil.known_groups.copy=0", "gil.known_groups.shift=0", "gil.known_groups.reverse=1",
+             "gil.known_groups.sort=1", "gil.known_groups.reverse_shift=1")
     for kl in (0.02, 0.05, 0.1):
         for algo in ("ppo", "gil"):
             arm = arms[f"{algo}_kl{kl:g}"]
             assert arm.algo == algo and arm.seeds == (101, 102, 103, 104, 105)
             assert arm.overrides == (f"ppo.kl_coef={kl:g}",) and arm.reward == "reward_model"
     controls = {"gil_v1": ("gil_v1", ()), "gil_no_invariance": ("gil_no_invariance", ()),
-                "gil_no_adaptive_kl": ("gil_no_adaptive_kl", ()), "gil_known": ("gil", ("gil.inference=known",)),
+                "gil_no_adaptive_kl": ("gil_no_adaptive_kl", ()), "gil_known": ("gil", ("gil.inference=known", *KNOWN)),
                 "gil_shuffled_weights": ("gil_shuffled_weights", ()),
                 "gil_response_whitened": ("gil", ("gil.group_level=response", "gil.performance=whitened_score"))}
     for name, (algo, overrides) in controls.items():
