@@ -82,7 +82,7 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
         "unknown key": (argv(**{"ppo.kl_coeff": 1}), "unknown config key 'ppo.kl_coeff'"),
         "wrong type": (argv(**{"ppo.kl_coef": "abc"}), "ppo.kl_coef"),
         "bad value": (argv(**{"rollout.top_p": 1.5}), "rollout.top_p=1.5"),
-        "unknown algo": (argv(algo="grpo"), "algo='grpo'"),
+        "unknown algo": (argv(algo="dapo"), "algo='dapo'"),
         "missing config file": (["/nonexistent/config.yaml"], "config file /nonexistent/config.yaml not found"),
         "missing required key": (["data.train_prompts=x", "models.reward_fn=a:b"], "models.actor has no value"),
         "two rewards": (argv(**{"models.reward_fn": "a:b"}), "exactly one of models.reward_model"),

@@ -296,16 +296,26 @@ def tokenized_table(path: str, kind: str, tokenizer, *, keys: Optional[Mapping[s
     }, sort_keys=True).encode()).hexdigest()[:24]
     cache_file = os.path.join(cache_dir or default_cache_dir(), f"{kind}-{key}.arrow")
     group_up = dist.is_available() and dist.is_initialized()
-    if (_local_rank() if local_rank is None else local_rank) == 0:
-        if os.path.exists(cache_file):
-            table = datasets.Dataset.from_file(cache_file)
-        else:
-            table = _build(source, fn, needed, keys, encoder, cache_file, key, num_proc, path)
-        if group_up:
-            dist.barrier()  # releases the other ranks, which wait below
+    builds = (_local_rank() if local_rank is None else local_rank) == 0
+    table, error = None, None
+    if builds:
+        try:
+            if os.path.exists(cache_file):
+                table = datasets.Dataset.from_file(cache_file)
+            else:
+                table = _build(source, fn, needed, keys, encoder, cache_file, key, num_proc, path)
+        except Exception as exc:  # the other ranks must hear of it, or they would wait here forever
+            error = exc
+    if group_up:  # releases the ranks that wait for the cache, and gives them rank 0's error if any
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else str(error))
+        first = next((e for e in errors if e is not None), None)
+        if first is not None and error is None:
+            raise DataError(first)
+    if error is not None:
+        raise error
+    if builds:
         return table
-    if group_up:
-        dist.barrier()
     _wait_for(cache_file)  # without a process group (or a node-local cache): the file's appearance
     return datasets.Dataset.from_file(cache_file)
 
