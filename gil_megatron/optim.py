@@ -8,7 +8,7 @@ On CPU, gil_megatron/cpu_compat.py lets megatron's CUDA-only type checks accept 
 """
 
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads

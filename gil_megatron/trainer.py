@@ -302,8 +302,10 @@ class PPOTrainer:
 
     def _oracle_group_id(self, group: Optional[str]) -> int:
         """gil.known_groups' id of a prompt's `group` (gil.inference=known), -1 when unmapped."""
-        mapping = self.cfg.gil.known_groups or {name: i for i, name in enumerate(self.known_group_names)}
-        return mapping.get(group, -1)
+        if not hasattr(self, "_oracle_map"):  # built once: this runs for every sample of every batch
+            self._oracle_map = dict(self.cfg.gil.known_groups) or {
+                name: i for i, name in enumerate(self.known_group_names)}
+        return self._oracle_map.get(group, -1)
 
     def _known_group_id(self, group: Optional[str]) -> int:
         names = self.known_group_names
