@@ -30,6 +30,7 @@ import io
 import json
 import os
 import pickle
+import queue
 import random
 import re
 import shutil
@@ -141,6 +142,7 @@ def save_checkpoint(run_dir: str, iteration: int, layout: ParallelLayout, models
                            source=f"training checkpoint, iteration {iteration}")
                 if tokenizer_dir:
                     copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, name))
+    _write_results_in_process()
     dist_checkpointing.save(_sharded_state(trainables, is_loading=False), os.path.join(tmp, DIST_DIR),
                             async_sharded_save=False)
     with open(os.path.join(tmp, "rng", _rank_file(layout)), "w") as f:
@@ -163,6 +165,17 @@ def save_checkpoint(run_dir: str, iteration: int, layout: ParallelLayout, models
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _write_results_in_process() -> None:
+    """Our saves are synchronous: megatron's writer threads report to a results queue read in this
+    same process. Megatron nonetheless creates that queue through a ``multiprocessing.Manager``, a
+    server process that outlives a SIGKILLed rank and keeps the launcher's stdout/stderr open (so
+    torchrun's caller never sees EOF). A plain in-process queue does the same job without the orphan."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def load_checkpoint(path: str, layout: ParallelLayout, trainables: Dict[str, object]) -> dict:

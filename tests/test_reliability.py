@@ -129,8 +129,6 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
     assert len(cases) >= 20
 
 
-@pytest.mark.slow  # hangs since checkpoints moved to dist_checkpointing: a killed rank orphans a
-# multiprocessing manager that keeps the launcher's pipes open (seen 2026-11-29; to fix, then unmark)
 def test_rank_killed_mid_run_and_during_save_resumes_exactly(mini, tmp_path):  # noqa: F811
     """One torchrun launch with --max-restarts 2 of a TP=2 run: rank 1 is SIGKILLed at the start of
     iteration 3; torchrun restarts the workers, which resume from iteration 2; then rank 0 is
