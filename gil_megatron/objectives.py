@@ -181,6 +181,7 @@ def actor_loss(mb: Mapping[str, torch.Tensor], logprobs: torch.Tensor, entropy: 
     loss, metrics = gil.gil_policy_loss(
         logprobs, mb["old_logprobs"], mb["advantages"], mask, mb["sample_weights"],
         clip_eps=params.clip_eps, clip_ratio_c=params.clip_ratio_c, loss_agg_mode=mode, normalizer=normalizer)
+    # the weight statistics are logged once per batch by make_experience, not per micro-batch
     metrics = {k: v.detach() for k, v in metrics.items() if not k.startswith("gil/weight")}
     if entropy is not None:
         ent = ppo.aggregate_loss(entropy, mask, mode, normalizer)

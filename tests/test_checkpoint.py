@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -89,6 +90,8 @@ def _resumes(root: str, out: str, saved_layout, layouts, straight: bool, *extra)
         sft.main(sft_args(root, os.path.join(out, name), "train.steps=3", "checkpoint.resume=auto", *layout, *extra))
     if straight:
         sft.main(sft_args(root, os.path.join(out, "straight"), "train.steps=3", *saved_layout, *extra))
+    # saves are synchronous: no helper process (megatron's Manager) outlives them to orphan on a crash
+    assert not multiprocessing.active_children(), multiprocessing.active_children()
 
 
 STEP_KEYS = ("train/loss", "train/tokens", "optim/grad_norm", "optim/lr")
