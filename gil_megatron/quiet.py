@@ -34,6 +34,8 @@ WARNINGS = (
 LOG_RECORDS = {
     "megatron.core.models.gpt.gpt_model": (r"GPTModel IS DEPRECATED",),
     "torch.utils.cpp_extension": (r"No CUDA runtime is found",),
+    # logged by every torch_dist save, though ours are synchronous (the note is about async saves)
+    "megatron.core.dist_checkpointing.strategies.torch": (r"MCore's async save is deprecated",),
 }
 
 _applied = False
