@@ -130,3 +130,28 @@ def test_known_inference_needs_mapped_groups():
     batch["oracle_group"] = torch.full((8,), -1)
     with pytest.raises(ValueError, match="gil.known_groups"):
         make_experience(batch, get_algorithm("gil"), ObjectiveParams(inference="known"), eta=0.1)
+
+
+def test_mc_return_performance_is_the_whitened_discounted_task_return():
+    """performance=mc_return: G_i = gamma^(L_i - 1) * raw_score_i (the Monte-Carlo return of the task
+    reward at the first response token, no critic, no KL), whitened over the batch."""
+    batch, _ = rollout_batch()
+    mask = batch["action_mask"]
+    gamma = 0.9
+    exp = make_experience(batch, get_algorithm("gil"), ObjectiveParams(performance="mc_return", gamma=gamma), eta=0.1)
+    g = gamma ** (mask.sum(1) - 1) * batch["raw_scores"]
+    assert torch.allclose(exp["perf"], (g - g.mean()) / g.std(), atol=1e-5)
+
+
+def test_the_mass_hinge_reaches_the_group_head_targets():
+    """With the unweighted variance the head is guarded by min_group_mass; a batch whose head puts
+    almost no mass in group 0 gets targets that push mass back into it (and none without the hinge)."""
+    batch, _ = rollout_batch()
+    batch["group_logits"] = torch.tensor([[-6.0, 6.0]]).repeat(8, 1)
+    hinge = ObjectiveParams(variance="unweighted", min_group_mass=0.3, mass_penalty_coef=10.0)
+    loose = ObjectiveParams(variance="unweighted", min_group_mass=0.0)
+    c_hinge = make_experience(batch, get_algorithm("gil"), hinge, eta=0.1)["group_coeffs"]
+    c_loose = make_experience(batch, get_algorithm("gil"), loose, eta=0.1)["group_coeffs"]
+    # a descent step q <- q - c raises group 0's batch mass only through the hinge
+    assert (c_hinge[:, 0] - c_loose[:, 0]).max() < -0.5
+    assert torch.allclose(c_hinge[:, 0] - c_loose[:, 0], torch.full((8,), -10.0 / 8), atol=1e-5)
