@@ -11,6 +11,16 @@ from hypothesis import strategies as st
 from gil_megatron.algo import gil, ppo
 
 
+def central_differences(f, theta: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """df/dtheta by central differences, one entry at a time (the oracle for an analytic gradient)."""
+    grad = torch.zeros_like(theta)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in theta.shape)).reshape(-1, theta.dim()):
+        e = torch.zeros_like(theta)
+        e[tuple(index)] = h
+        grad[tuple(index)] = (f(theta + e) - f(theta - e)) / (2 * h)
+    return grad
+
+
 # The first eight oracles were written for v1 (unweighted variance, weights clamped at 0 only);
 # they keep testing that math through these names. v2's oracles follow further down.
 def v1_weights(q, perf, beta_policy, eps=1e-6, clamp_min=0.0):
@@ -385,13 +395,7 @@ def test_oracle8_tabular_bandit_expected_gradient_matches_finite_difference():
         return (J - J.mean()).square().mean()
 
     # (A) finite differences
-    h = 1e-6
-    fd = torch.zeros(C, K)
-    for c in range(C):
-        for a in range(K):
-            e = torch.zeros(C, K)
-            e[c, a] = h
-            fd[c, a] = (var_g(theta0 + e) - var_g(theta0 - e)) / (2 * h)
+    fd = central_differences(var_g, theta0)
 
     # (B) the L_var gradient on the enumerated batch
     theta = theta0.clone().requires_grad_(True)
@@ -731,13 +735,7 @@ def test_oracle8_mass_weighted_bandit_gradient_matches_finite_difference():
         J = (w_ctx * V[:, None]).sum(0) / pi
         return (pi * (J - (pi * J).sum()).square()).sum()
 
-    h = 1e-6
-    fd = torch.zeros(C, K)
-    for c in range(C):
-        for a in range(K):
-            e = torch.zeros(C, K)
-            e[c, a] = h
-            fd[c, a] = (var_g(theta0 + e) - var_g(theta0 - e)) / (2 * h)
+    fd = central_differences(var_g, theta0)
     theta = theta0.clone().requires_grad_(True)
     ctx, act = (t.reshape(-1) for t in torch.meshgrid(torch.arange(C), torch.arange(K), indexing="ij"))
     logprobs = torch.log_softmax(theta, dim=1)[ctx, act][:, None]

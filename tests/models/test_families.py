@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from dist_utils import spawn
+from hf_files import read_all
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -42,16 +42,6 @@ def make_hf(path, name: str, seed: int = 0) -> str:
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.05 * torch.randn_like(p))
     model.save_pretrained(str(path))
     return str(path)
-
-
-def read_all(hf_dir):
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    out = {}
-    for name in files:
-        with safe_open(os.path.join(hf_dir, name), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _logits_all_layouts(ckpts, ids, layouts):

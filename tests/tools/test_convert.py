@@ -1,16 +1,15 @@
 """HF <-> sharded conversion: round trip bit-identical, heads, verify tool, one-line errors."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from dist_utils import spawn
+from hf_files import read_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -29,16 +28,6 @@ def tiny_config(**kw):
 def save(model, path, dtype=torch.float32):
     model.to(dtype).save_pretrained(path)
     return str(path)
-
-
-def read_all(hf_dir):
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    out = {}
-    for name in files:
-        with safe_open(os.path.join(hf_dir, name), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def convert(*argv):
