@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from gil_megatron.algo import gil, ppo
 
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/algo/conftest.py
+
 
 def central_differences(f, theta: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
     """df/dtheta by central differences, one entry at a time (the oracle for an analytic gradient)."""
@@ -35,14 +37,6 @@ def v1_policy_term(*args, **kwargs):
 def v1_inference_loss(*args, **kwargs):
     return gil.group_inference_loss(*args, variance="unweighted", **kwargs)
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Exact checks run in float64; restore the global default so other test modules are unaffected."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,15 +8,9 @@ import torch
 from gil_megatron.algo import ppo
 from gil_megatron.algo.kl import kl_per_token
 
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/algo/conftest.py
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Exact checks run in float64; restore the global default so other test modules are unaffected."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def _mask(rows, T):

@@ -7,13 +7,8 @@ import torch
 
 from gil_megatron.algo import preference
 
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/algo/conftest.py
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x)
