@@ -10,7 +10,6 @@ from gil_megatron.algo import preference
 pytestmark = pytest.mark.usefixtures("float64_default")  # tests/algo/conftest.py
 
 
-
 def softplus(x: float) -> float:  # -log sigmoid(-x)
     return math.log1p(math.exp(x))
 
