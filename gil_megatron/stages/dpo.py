@@ -19,14 +19,14 @@ from gil_megatron.data import PreferenceBatch, load_preferences, options_from_co
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.models.build import model_from_checkpoint
 from gil_megatron.models.pipeline import run_microbatches
-from gil_megatron.stages.common import (
-    Stage, Sums, add_group_sums, chunks, pair_microbatch, run, sums_from_means, token_logprobs,
-)
+from gil_megatron.metrics import Sums, sums_from_means
+from gil_megatron.scoring import action_logprobs
+from gil_megatron.stages.common import Stage, add_group_sums, chunks, pair_microbatch, run
 
 
 def _sequence_logprobs(mb, logits) -> torch.Tensor:
     """[2m] log pi(y | x) of the micro-batch's chosen-then-rejected rows."""
-    return sequence_logprobs(token_logprobs(logits, mb["input_ids"]), mb["response_mask"][:, 1:])
+    return sequence_logprobs(action_logprobs(logits, mb["input_ids"])[0], mb["response_mask"][:, 1:])
 
 
 class DPOStage(Stage):

@@ -17,7 +17,8 @@ from gil_megatron.algo.preference import bradley_terry_loss
 from gil_megatron.config import RewardModelConfig
 from gil_megatron.data import PreferenceBatch, load_preferences, options_from_config
 from gil_megatron.models.llama import score_at_last
-from gil_megatron.stages.common import Stage, Sums, add_group_sums, chunks, pair_microbatch, run, sums_from_means
+from gil_megatron.metrics import Sums, sums_from_means
+from gil_megatron.stages.common import Stage, add_group_sums, chunks, pair_microbatch, run
 
 
 class RewardModelStage(Stage):
