@@ -4,7 +4,8 @@
     score()       no-grad: reward, old / reference log-probs, critic values and group logits
     experience()  GIL bookkeeping, adaptive-KL rewards, GAE (experience.make_experience)
     update()      K epochs x mini-batches: critic step (value loss + group objective), policy step
-    metrics, evaluation and checkpoints around them.
+    metrics, evaluation and checkpoints around them; gil_megatron/loop.py runs the iterations
+    (the same loop as the SFT / reward-model / DPO stages) with PPOTrainer as its job.
 
 The algorithm lives in gil_megatron/algo and experience.py; this file moves tensors between ranks
 and calls it. Data parallelism: each DP rank generates and trains on its own slice of the rollout

@@ -1,4 +1,5 @@
-"""The training loop shared by SFT, reward-model and DPO training (one engine, three objectives).
+"""What SFT, reward-model and DPO training share (one engine, three objectives); the loop itself is
+gil_megatron/loop.py, the one PPO runs too.
 
 A stage (sft.py, reward_model.py, dpo.py) subclasses ``Stage`` and says only what differs: the
 dataset it reads, how a batch becomes micro-batches, what one micro-batch counts for the loss's
@@ -40,7 +41,9 @@ from megatron.core import parallel_state
 from gil_megatron import distributed, loop
 from gil_megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv, to_dict
-from gil_megatron.data import DataLoader, PreferenceBatch, SequenceBatch, eval_batches, pad_token_id
+from gil_megatron.data import (
+    DataLoader, PreferenceBatch, SequenceBatch, eval_batches, load_preferences, options_from_config, pad_token_id,
+)
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.metrics import Sums, Totals, loss_normalizer, metric_sum, ratio, reduce_sums
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
@@ -188,6 +191,24 @@ def add_group_sums(sums: Sums, stage: Stage, per_example: Dict[str, torch.Tensor
     return sums
 
 
+class PairStage(Stage):
+    """A stage trained on preference pairs (reward model, DPO): chosen and rejected responses of a
+    pair go through the model in one forward; the objective is a mean over pairs."""
+
+    count_name = "pairs"
+
+    def load_dataset(self, path: str):
+        d = self.cfg.data
+        return load_preferences(path, self.tokenizer, max_length=d.max_length,
+                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
+
+    def microbatches(self, batch: PreferenceBatch) -> List[Dict[str, torch.Tensor]]:
+        return [pair_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
+
+    def count(self, mb) -> torch.Tensor:
+        return mb["weight"].sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics, step, eval, save
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +293,7 @@ def save_model_dir(out_dir: str, layout: ParallelLayout, model, tokenizer_dir: s
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# One run: build, resume, the loop, the final model directory
 # ---------------------------------------------------------------------------------------------
 
 
