@@ -3,6 +3,7 @@ and from the last pipeline stage (2 gloo ranks), and the loss normaliser N_globa
 
 import math
 
+import pytest
 import torch
 
 from gil_megatron.metrics import loss_normalizer, means, metric_sum, ratio, reduce_sums, sums_from_means
@@ -43,6 +44,7 @@ def _reduce_on_two_ranks():
     return out
 
 
+@pytest.mark.slow  # process start-up dominates; CI covers DP2 and PP2 reduction in tests/stages/test_stages.py
 def test_reduce_over_dp_and_from_the_last_stage():
     from dist_utils import spawn
 
