@@ -113,7 +113,7 @@ def run(job: Job, settings: LoopSettings, logger: MetricsLogger, start: int = 0,
                 metrics.update(evaluated)
                 metrics["time/eval_s"] = time.perf_counter() - t1
         logger.log(step, metrics, show=settings.show)
-        logger.print_eval(step, metrics)  # per evaluated set: score, worst group, each group
+        logger.print_eval(step, metrics, settings.unit)  # per evaluated set: score, worst group, each group
         if settings.due(step, settings.save_every):
             job.save()
         last = metrics

@@ -55,7 +55,7 @@ def test_cadence_logging_and_timing(tmp_path, capsys):
                                                                          (True, True), (True, True)]
     assert all(m["time/step_s"] >= 0 for m in lines)
     assert last["loss"] == 5.0 and last["eval/loss"] == 15.0
-    assert "evaluation at iteration 2:" in capsys.readouterr().out  # the eval summary on the console
+    assert "evaluation at step 2:" in capsys.readouterr().out  # the eval summary on the console
 
 
 def test_no_eval_data_and_resume(tmp_path, capsys):
