@@ -2,7 +2,8 @@
 
     (a) torch      log_softmax(logits.float()) + gather + KL (gil_megatron.algo.kl), the naive way
     (b) megatron   megatron-core's vocab_parallel_cross_entropy (tp=1) + the same KL
-    (c) ours       gil_megatron.ops.fused_logprobs_kl (csrc/logprob kernel, one pass over the logits)
+    (c) ours       gil_megatron.ops: vocab_parallel_logprobs (csrc/logprob kernel, one pass over the
+                   logits) then masked_kl (the kernel's masked-KL op), as the PPO loop calls them
 
 For each shape and dtype it prints the median time of the forward (under no_grad, as when scoring
 old/reference log-probs) and of forward+backward (loss = sum(w * logprobs) + kl, backward to the
@@ -50,7 +51,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gil_megatron.algo.kl import kl_per_token  # noqa: E402
-from gil_megatron.ops.logprob import fused_logprobs_kl, kernel_backend  # noqa: E402
+from gil_megatron.ops.logprob import kernel_backend, masked_kl, vocab_parallel_logprobs  # noqa: E402
 
 SHAPES = [(4096, 32000), (16384, 32000), (4096, 128256)]
 QUICK_SHAPES = [(512, 8000), (256, 32000)]
@@ -92,8 +93,8 @@ def make_impl_megatron(device):
 
 
 def impl_ours(logits, targets, ref, mask):
-    logprobs, _, kl = fused_logprobs_kl(logits, targets, ref, mask, "k1", "mean")
-    return logprobs, kl
+    logprobs, _ = vocab_parallel_logprobs(logits, targets)
+    return logprobs, masked_kl(logprobs, ref, mask, "k1", "mean")
 
 
 def kernel_only(logits, targets, with_backward):

@@ -56,7 +56,10 @@ def run_layout(root: str, actor: str, tp: int, iterations: int, batch: int) -> l
     run_dir = os.path.join(root, f"tp{tp}")
     argv = [f"run_dir={run_dir}", f"parallel.tp={tp}", f"models.actor={actor}", "models.reward_model=null",
             "models.reward_fn=gil_megatron.miniature.task:gold_reward",
-            f"data.train_prompts={root}/data/prompts_train.jsonl", "data.eval_prompts={}",
+            f"data.train_prompts={root}/data/prompts_train.jsonl",
+            # the YAML's held-out sets, pointed at this run's data (a YAML dict merges key by key, so
+            # data.eval_prompts={} would keep the YAML's paths); evaluated once, after the last step
+            *(f"data.eval_prompts.{s}={root}/data/prompts_{s}.jsonl" for s in ("eval", "ood")), "train.eval_every=0",
             f"rollout.batch_size={batch}", f"ppo.mini_batch_size={batch // 2}", f"ppo.micro_batch_size={batch // 2}",
             f"rollout.micro_batch_size={batch}", f"train.iterations={iterations}", "train.save_every=0",
             "checkpoint.resume=none", "logging.progress=false"]

@@ -320,6 +320,7 @@ class TrainConfig:
 
     def validate(self):
         _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")
+        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
         _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
 
 
@@ -490,13 +491,18 @@ class StageTrainConfig:
     micro_batch_size: int = 8
     """Examples per forward/backward per data-parallel rank (gradient accumulation fills the rest)."""
     eval_every: int = 0
+    """Evaluate data.eval every N steps (0 = only at the end)."""
     save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with non-finite gradients (each is skipped)."""
     eval_batch_size: int = 64
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (whole layers)."""
 
     def validate(self):
         _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
         _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
         _require(self.global_batch_size > 0 and self.micro_batch_size > 0,
                  "train.global_batch_size and train.micro_batch_size must be > 0")

@@ -12,10 +12,9 @@ things on any policy checkpoint, in the order of the pipeline:
     summarize_set        per set: mean, std, per known group, per inferred group, worst group, gap,
                          proxy-minus-gold, KL to the reference, response length, group agreement
     win_tie_lose         pairwise comparison of two policies on the same prompts with a tie margin
-    build_report / report_markdown / write_report
-                         report.json (machine-readable), report.md (the tables), samples.jsonl
 
-``tools/evaluate.py`` is the command line around it; ``benchmarks/gil_vs_ppo.py`` calls
+gil_megatron/report.py turns summaries into report.json, report.md and samples.jsonl;
+``tools/evaluate.py`` is the command line around both; ``benchmarks/gil_vs_ppo.py`` calls
 ``evaluate_policy`` on the models a finished training run still holds.
 
 Conventions. Score names: ``reward_model`` (a reward-model checkpoint), ``reward_fn`` (a Python
@@ -27,11 +26,9 @@ vocab-parallel logits without gathering them), not a single-sample estimate, so 
 for greedy responses too. Summaries are plain floats; a group with no samples is left out.
 """
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +38,7 @@ from gil_megatron import collectives, distributed
 from gil_megatron.algo.gil import assignment_agreement
 from gil_megatron.data import PromptDataset, eval_batches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
+from gil_megatron.ops.logprob import vocab_parallel_kl
 from gil_megatron.rollout import RolloutBatch, SamplingSettings, decode_rollout, generate
 from gil_megatron.scoring import RewardFunction, microbatches_of, score_critic, score_reward_model
 
@@ -74,48 +72,8 @@ class Scorers:
 
 
 # ---------------------------------------------------------------------------------------------
-# KL to the reference from vocab-parallel logits (math; collectives are passed in)
+# KL to the reference
 # ---------------------------------------------------------------------------------------------
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def vocab_parallel_log_softmax(logits: torch.Tensor, reduce_max: Reduce = _identity,
-                               reduce_sum: Reduce = _identity) -> torch.Tensor:
-    """log_softmax over the full vocabulary of a vocab shard [..., V/tp] -> [..., V/tp].
-
-    ``reduce_max`` / ``reduce_sum`` all-reduce [..., 1] tensors over the tensor-parallel group
-    (identity on one rank). Padded vocabulary entries (-inf) get -inf; a shard made only of padding
-    is fine because the max is taken over the whole vocabulary before exponentiating."""
-    gmax = reduce_max(logits.max(dim=-1, keepdim=True).values)
-    sumexp = reduce_sum((logits - gmax).exp().sum(dim=-1, keepdim=True))
-    return logits - gmax - sumexp.log()
-
-
-def vocab_parallel_kl(actor_logits: torch.Tensor, ref_logits: torch.Tensor, reduce_max: Reduce = _identity,
-                      reduce_sum: Reduce = _identity) -> torch.Tensor:
-    """KL(pi || pi_ref) = sum_v p(v) (log p(v) - log p_ref(v)) at every position: [..., V/tp] -> [...]."""
-    logp = vocab_parallel_log_softmax(actor_logits.float(), reduce_max, reduce_sum)
-    logr = vocab_parallel_log_softmax(ref_logits.float(), reduce_max, reduce_sum)
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logr), torch.zeros_like(p))  # 0 * log 0 = 0 (padded vocab)
-    return reduce_sum(terms.sum(dim=-1, keepdim=True)).squeeze(-1)
-
-
-def _tp_reducers():
-    group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return _identity, _identity
-
-    def reducer(op):
-        def reduce(t):
-            return collectives.all_reduce(t, group, op=op)
-        return reduce
-    return reducer(dist.ReduceOp.MAX), reducer(dist.ReduceOp.SUM)
 
 
 def sequence_kl(actor: torch.nn.Module, reference: torch.nn.Module, sequences: torch.Tensor,
@@ -123,8 +81,9 @@ def sequence_kl(actor: torch.nn.Module, reference: torch.nn.Module, sequences: t
     """Per-sequence KL(actor || reference) summed over response tokens: sequences [b, s] -> [b].
 
     Action t (token t+1) is predicted at position t, so the KL at positions 0..s-2 is weighted by
-    response_mask[:, 1:]. Computed on the last pipeline stage, then given to every stage."""
-    reduce_max, reduce_sum = _tp_reducers()
+    response_mask[:, 1:]. The exact KL of the two next-token distributions from vocab-parallel
+    logits (``ops.vocab_parallel_kl``), on the last pipeline stage, then given to every stage."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     action_mask = response_mask[:, 1:].float()
     per_mb = []
     for mb in microbatches_of(sequences, micro_batch_size, action_mask=action_mask):
@@ -132,7 +91,7 @@ def sequence_kl(actor: torch.nn.Module, reference: torch.nn.Module, sequences: t
             actor_out = run_microbatches(actor, [mb], forward_only=True)
             ref_out = run_microbatches(reference, [mb], forward_only=True)
         if actor_out:  # last pipeline stage: vocab-parallel logits [b, s, V/tp]
-            kl = vocab_parallel_kl(actor_out[0]["output"][:, :-1], ref_out[0]["output"][:, :-1], reduce_max, reduce_sum)
+            kl = vocab_parallel_kl(actor_out[0]["output"][:, :-1], ref_out[0]["output"][:, :-1], tp_group)
             per_mb.append((kl * mb["action_mask"]).sum(-1))
     (out,) = broadcast_from_last_stage([torch.cat(per_mb)] if per_mb else None)
     return out
@@ -371,149 +330,8 @@ def compare_policies(records_a: Sequence[dict], records_b: Sequence[dict], judge
                         [ra.get("group") for ra, _ in pairs])
 
 
-# ---------------------------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PolicyResult:
-    name: str
-    path: str
-    samples: Dict[str, List[dict]]  # set name -> records
-    summaries: Dict[str, dict] = field(default_factory=dict)
-
-
-def build_report(policies: Sequence[PolicyResult], settings: dict, *, judge: Optional[str] = None,
-                 tie_margin: float = 0.0, known_group_map: Optional[Dict[str, str]] = None) -> dict:
-    """report.json's content: settings, one summary per (policy, set), and win/tie/lose of the first
-    policy against the second when there are two (judged by ``judge``, default the primary score)."""
-    for p in policies:
-        p.summaries = {name: summarize_set(recs, known_group_map) for name, recs in p.samples.items()}
-    report = {"settings": settings,
-              "policies": {p.name: {"path": p.path, "sets": p.summaries} for p in policies}}
-    if len(policies) == 2:
-        a, b = policies
-        first = next(iter(a.samples.values()), [])
-        judge = judge or primary_score([n for n in SCORE_NAMES if first and n in first[0]])
-        if judge is None:
-            raise ValueError("win/tie/lose needs a score to judge by: pass a reward model or a reward function")
-        report["comparison"] = {
-            "a": a.name, "b": b.name, "judge": judge, "tie_margin": tie_margin,
-            "sets": {name: compare_policies(a.samples[name], b.samples[name], judge, tie_margin) for name in a.samples},
-        }
-    return report
-
-
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return f"{x:.{digits}f}"
-
-
-def _pct(x) -> str:
-    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}%"
-
-
-def report_markdown(report: dict) -> str:
-    """The report as markdown tables: per set a summary row per policy, per-known-group and
-    per-inferred-group tables, and the win/tie/lose table."""
-    s = report["settings"]
-    lines = ["# Evaluation report", ""]
-    for name, pol in report["policies"].items():
-        lines.append(f"- **{name}**: `{pol['path']}`")
-    decoding = "greedy" if s.get("greedy", True) else f"sampled at temperature {s.get('temperature')}"
-    lines += ["", f"Responses: {decoding}, at most {s.get('max_new_tokens')} new tokens. "
-              "Worst group and gap: of the primary score over the known groups (gap = best - worst group mean). "
-              "KL to the reference: exact KL summed over response tokens (nats).", ""]
-    set_names = list(next(iter(report["policies"].values()))["sets"])
-    for set_name in set_names:
-        sums = {p: pol["sets"][set_name] for p, pol in report["policies"].items()}
-        first = next(iter(sums.values()))
-        primary = first["primary"]
-        score_names = list(first["scores"])
-        lines += [f"## `{set_name}` ({first['n']} prompts; primary score: {primary})", ""]
-        header = ["policy"] + [f"{n} mean ± std" for n in score_names]
-        gaps = [n for n in score_names if n != "gold" and "gold" in score_names]
-        header += ["worst group", "gap"] + [f"{n} − gold" for n in gaps]
-        header += ["KL to ref", "length"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for p, sm in sums.items():
-            sc = sm["scores"]
-            row = [p] + [f"{_f(sc[n]['mean'])} ± {_f(sc[n]['std'])}" for n in score_names]
-            ps = sc.get(primary, {})
-            row += [f"{ps.get('worst_known_group', '–')} {_f(ps.get('worst_known'))}", _f(ps.get("known_gap"))]
-            row += [_f(sm.get(f"{n}_minus_gold")) for n in gaps]
-            row += [_f(sm["kl_to_ref"]["mean"]) if "kl_to_ref" in sm else "–", _f(sm["response_length"], 2)]
-            lines.append("| " + " | ".join(row) + " |")
-        groups = list(first["known_groups"])
-        if groups and primary:
-            lines += ["", f"Per known group ({primary}):", "",
-                      "| policy | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
-            for p, sm in sums.items():
-                means = sm["scores"][primary].get("known_groups", {})
-                lines.append(f"| {p} | " + " | ".join(_f(means.get(g)) for g in groups) + " |")
-        if "inferred_groups" in first:
-            lines += ["", f"Inferred groups (critic's group head; {primary} mean and counts per known group):", "",
-                      "| policy | group | mass | " + (f"{primary} | " if primary else "") + " | ".join(groups)
-                      + " | agreement |", "|" + "---|" * (len(groups) + 4 + bool(primary))]
-            for p, sm in sums.items():
-                ig = sm["inferred_groups"]
-                means = sm["scores"][primary].get("inferred_groups", {}) if primary else {}
-                agree = f"{_f(ig.get('agreement'))} (one group: {_f(ig.get('agreement_one_group'))})"
-                if "agreement_mapped" in ig:
-                    agree += (f"; mapped {_f(ig['agreement_mapped'])} "
-                              f"(one group: {_f(ig.get('agreement_mapped_one_group'))})")
-                for g in range(ig["num_groups"]):
-                    counts = [str(ig["crosstab"].get(k, {}).get(str(g), 0)) for k in groups]
-                    row = [p, str(g), _f(ig["mass"].get(str(g)))] + ([_f(means.get(str(g)))] if primary else [])
-                    lines.append("| " + " | ".join(row + counts + [agree if g == 0 else ""]) + " |")
-        lines.append("")
-    comp = report.get("comparison")
-    if comp:
-        lines += [f"## Win / tie / lose: {comp['a']} vs {comp['b']} "
-                  f"(judge: {comp['judge']}, tie margin {comp['tie_margin']:g})", "",
-                  "| set | group | win | tie | lose | n |", "|---|---|---|---|---|---|"]
-        for set_name, wtl in comp["sets"].items():
-            for g, x in [("all", wtl), *wtl.get("known_groups", {}).items()]:
-                lines.append(f"| {set_name if g == 'all' else ''} | {g} | {_pct(x['win'])} | {_pct(x['tie'])} | "
-                             f"{_pct(x['lose'])} | {x['n']} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_report(out_dir: str, report: dict, policies: Sequence[PolicyResult] = ()) -> Dict[str, str]:
-    """Write report.json, report.md and samples.jsonl (one line per policy, set and prompt) into
-    ``out_dir``; returns their paths. Call on one rank."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md"),
-             "samples": os.path.join(out_dir, "samples.jsonl")}
-    with open(paths["json"], "w") as f:
-        json.dump(_json_safe(report), f, indent=2)
-        f.write("\n")
-    with open(paths["markdown"], "w") as f:
-        f.write(report_markdown(report))
-    with open(paths["samples"], "w") as f:
-        for p in policies:
-            for set_name, recs in p.samples.items():
-                for r in recs:
-                    f.write(json.dumps(_json_safe({"policy": p.name, "set": set_name, **r})) + "\n")
-    return paths
-
-
 __all__ = [
-    "PolicyResult", "Scorers", "build_report", "compare_policies", "decode_rollout", "evaluate_policy",
-    "generate_and_score", "inferred_group_summary", "report_markdown", "score_responses", "sequence_kl",
-    "summarize_scores", "summarize_set", "vocab_parallel_kl", "vocab_parallel_log_softmax", "win_tie_lose",
-    "write_report",
+    "Scorers", "compare_policies", "decode_rollout", "evaluate_policy", "generate_and_score",
+    "inferred_group_summary", "primary_score", "score_responses", "sequence_kl", "summarize_scores",
+    "summarize_set", "win_tie_lose",
 ]

@@ -78,11 +78,11 @@ class MetricsLogger:
         return (f"{self.desc}: {step}/{self.total} ({pct:.0f}%) {_duration(elapsed)}, ETA {_duration(eta)}"
                 + (f" | {values}" if values else ""))
 
-    def print_eval(self, step: int, metrics: Dict[str, float]) -> None:
+    def print_eval(self, step: int, metrics: Dict[str, float], unit: str = "iteration") -> None:
         """The evaluation summary of ``metrics`` (its eval/ keys), if there is one, on the console."""
         lines = eval_summary_lines(metrics)
         if lines:
-            self.print(f"evaluation at iteration {step}:")
+            self.print(f"evaluation at {unit} {step}:")
             for line in lines:
                 self.print("  " + line)
 
@@ -172,13 +172,3 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf
     return value
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self.start = now - self.start, now
-        return elapsed

@@ -29,7 +29,9 @@ def microbatches_of(sequences: torch.Tensor, size: int, **per_row: torch.Tensor)
 
 
 def action_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, with_entropy: bool = False):
-    """Vocab-parallel logits [b, s, V/tp] -> log-probs (and entropy) of tokens 1..s-1: [b, s-1]."""
+    """Vocab-parallel logits [b, s, V/tp] -> (log-probs, entropy or None) of tokens 1..s-1: [b, s-1];
+    position t holds log p(input_ids[t+1] | input_ids[<=t]). The one log-prob helper: scoring, the
+    PPO policy loss and the SFT / DPO stages call it; only per-token scalars cross the TP group."""
     return vocab_parallel_logprobs(
         logits[:, :-1], input_ids[:, 1:], tp_group=parallel_state.get_tensor_model_parallel_group(),
         compute_entropy=with_entropy,

@@ -4,7 +4,8 @@
     score()       no-grad: reward, old / reference log-probs, critic values and group logits
     experience()  GIL bookkeeping, adaptive-KL rewards, GAE (experience.make_experience)
     update()      K epochs x mini-batches: critic step (value loss + group objective), policy step
-    metrics, evaluation and checkpoints around them.
+    metrics, evaluation and checkpoints around them; gil_megatron/loop.py runs the iterations
+    (the same loop as the SFT / reward-model / DPO stages) with PPOTrainer as its job.
 
 The algorithm lives in gil_megatron/algo and experience.py; this file moves tensors between ranks
 and calls it. Data parallelism: each DP rank generates and trains on its own slice of the rollout
@@ -15,21 +16,21 @@ quantity equals the single-rank one.
 import dataclasses
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from gil_megatron import checkpoint as ckpt
-from gil_megatron import distributed, faults, memory
-from gil_megatron import collectives, objectives
+from gil_megatron import collectives, distributed, loop, memory, objectives
 from gil_megatron.algo import gil, ppo
 from gil_megatron.config import PPOConfig, to_dict
 from gil_megatron.data import DataLoader, load_prompts, options_from_config, pad_token_id
 from gil_megatron.evaluation import Scorers, evaluate_policy, primary_score, summarize_scores
 from gil_megatron.experience import make_experience
-from gil_megatron.logging import MetricsLogger
+from gil_megatron.loop import NonFiniteError
+from gil_megatron.metrics import loss_normalizer, means, metric_sum, reduce_sums
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.llama import score_at_last, split_critic_output
 from gil_megatron.models.weights import arch_of
@@ -39,9 +40,9 @@ from gil_megatron.scoring import (
     RewardFunction, action_logprobs, microbatches_of, score_critic, score_logprobs, score_reward_model,
 )
 
-
-class NonFiniteError(FloatingPointError):
-    pass
+# micro-batch metrics that are shares of the mini-batch mean (divided by the loss normaliser)
+NORMALIZED_ACTOR_METRICS = ("policy/loss", "policy/kl_loss", "policy/entropy")
+NORMALIZED_CRITIC_METRICS = ("value/loss",)
 
 
 class PPOTrainer:
@@ -187,21 +188,25 @@ class PPOTrainer:
         on_device = {k: v.to(self.device) for k, v in mini.items()}
         microbatches = microbatches_of(on_device["sequences"], mbs,
                                        **{k: v for k, v in on_device.items() if k != "sequences"})
-        mask = mini["action_mask"]
-        normalizer = _loss_normalizer(mask, self.params.loss_agg_mode)
-        value_normalizer = _loss_normalizer(mask, "token_mean")
+        mask, mode = mini["action_mask"], self.params.loss_agg_mode
+        dp_group = parallel_state.get_data_parallel_group()
+        normalizer = loss_normalizer(loss_units(mask, mode), dp_group)
+        value_normalizer = loss_normalizer(loss_units(mask, "token_mean"), dp_group)
         params, infer_groups = self.params, self.algo.group_inference
 
         def critic_loss(mb, out):
             values, group_logits = split_critic_output(out.float())
             q = torch.softmax(score_at_last(group_logits, mb["head_lengths"]), dim=-1) if infer_groups else None
             # DDP averages gradients over DP ranks, and each step sees 1/group_scale of the batch
-            return objectives.critic_loss(mb, values[:, :-1], q, params, value_normalizer,
-                                          group_scale=self.dp * group_scale)
+            loss, metrics = objectives.critic_loss(mb, values[:, :-1], q, params, value_normalizer,
+                                                   group_scale=self.dp * group_scale)
+            return loss, step_sums(metrics, NORMALIZED_CRITIC_METRICS, value_normalizer,
+                                   loss_units(mb["action_mask"], "token_mean"))
 
         def actor_loss(mb, logits):
             logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
-            return objectives.actor_loss(mb, logprobs, entropy, params, normalizer)
+            loss, metrics = objectives.actor_loss(mb, logprobs, entropy, params, normalizer)
+            return loss, step_sums(metrics, NORMALIZED_ACTOR_METRICS, normalizer, loss_units(mb["action_mask"], mode))
 
         c_metrics, c_ok, c_norm = [], True, 0.0
         if self.critic_train is not None:
@@ -209,8 +214,9 @@ class PPOTrainer:
             c_ok, c_norm = self.critic_train.step()
         a_metrics = self.actor_train.forward_backward(microbatches, actor_loss)
         a_ok, a_norm = self.actor_train.step()
-        metrics = reduce_microbatch_metrics(c_metrics + a_metrics,
-                                            sum_keys=("value/loss", "policy/loss", "policy/kl_loss"))
+        totals = reduce_sums(c_metrics + a_metrics, parallel_state.get_data_parallel_group(),
+                             parallel_state.get_pipeline_model_parallel_group())
+        metrics = means(totals)
         metrics.update({"value/grad_norm": c_norm, "policy/grad_norm": a_norm, "policy/lr": self.actor_train.lr(),
                         "skipped_updates": float((not c_ok) + (not a_ok))})
         return metrics
@@ -236,7 +242,6 @@ class PPOTrainer:
             "rollout/tokens_per_s": n_tokens / max(t_gen - t0, 1e-9),
             "rollout/response_length": n_tokens / full["action_mask"].shape[0],
             "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/train_s": t_train - t_score,
-            "time/step_s": t_train - t0,
         })
         if self.algo.kl_penalty:
             self.kl_ctl.update(metrics["kl/mean"], cfg.rollout.batch_size)
@@ -312,9 +317,12 @@ class PPOTrainer:
         return names.index(group) if group in names else -1
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self) -> Optional[Dict[str, float]]:
         """Greedy responses on each held-out set (evaluation.evaluate_policy, the one eval path): the
-        trained-on reward, gold when known, per known group and the worst group of the primary score."""
+        trained-on reward, gold when known, per known group and the worst group of the primary score.
+        None without held-out sets."""
+        if not self.eval_sets:
+            return None
         scorers = Scorers(self.tokenizer, self.pad_id, reward_model=self.reward_model, reward_fn=self.reward_fn,
                           gold_fn=self.gold_fn)
         greedy = dataclasses.replace(self.sampling, greedy=True)
@@ -370,38 +378,23 @@ class PPOTrainer:
         self.bad_steps = state["bad_steps"]
         self.resumed_from = path
 
-    # ---- the loop --------------------------------------------------------------------------------
+    # ---- the loop (gil_megatron/loop.py) -------------------------------------------------------
+    def train_step(self) -> Tuple[Dict[str, float], bool]:
+        """loop.Job: one iteration; (metrics, whether every update went through)."""
+        metrics = self.iterate()
+        return metrics, metrics["skipped_updates"] == 0
+
+    def advance(self, step: int, bad_steps: int) -> None:
+        self.iteration, self.bad_steps = step, bad_steps
+
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
-        log = MetricsLogger(cfg.run_dir, cfg.train.iterations, to_dict(cfg), progress=cfg.logging.progress,
-                            use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                            initial_step=self.iteration, desc=f"{cfg.algo}")
-        if getattr(self, "resumed_from", None):
-            log.print(f"resumed from {self.resumed_from} at iteration {self.iteration}")
-        last = {}
-        while self.iteration < cfg.train.iterations:
-            faults.maybe_fail("before_iteration", self.iteration + 1)
-            try:
-                metrics = self.iterate()
-                self.bad_steps = 0 if metrics.get("skipped_updates", 0) == 0 else self.bad_steps + 1
-            except NonFiniteError as exc:
-                self.bad_steps += 1
-                metrics = {"skipped_updates": 2.0, "bad_value": str(exc)}
-                log.print(f"iteration {self.iteration + 1}: {exc}; update skipped ({self.bad_steps} in a row)")
-            if self.bad_steps >= cfg.train.max_bad_steps:
-                raise FloatingPointError(
-                    f"{self.bad_steps} consecutive iterations with non-finite values (last: "
-                    f"{metrics.get('bad_value', 'gradients')}); stopping. Lower the learning rates or check the reward")
-            self.iteration += 1
-            final = self.iteration == cfg.train.iterations
-            if self.eval_sets and (final or (cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0)):
-                metrics.update(self.evaluate())
-            metrics = sync_metrics_to_rank0(metrics)
-            log.log(self.iteration, metrics)
-            log.print_eval(self.iteration, metrics)  # per set: score, worst group, each group (if evaluated)
-            last = metrics
-            if final or (cfg.train.save_every and self.iteration % cfg.train.save_every == 0):
-                self.save()
+        settings = loop.LoopSettings(cfg.train.iterations, cfg.train.eval_every, cfg.train.save_every,
+                                     cfg.train.max_bad_steps, name=cfg.algo, unit="iteration",
+                                     fix="Lower the learning rates or check the reward")
+        log = loop.open_logger(cfg.run_dir, cfg.logging, settings, to_dict(cfg), self.iteration)
+        last = loop.run(self, settings, log, self.iteration, self.bad_steps, getattr(self, "resumed_from", None),
+                        skipped={"skipped_updates": 2.0})
         log.close()
         return last
 
@@ -429,11 +422,22 @@ def shuffle_keeping_prompts_together(rows: torch.Tensor, prompt_index: torch.Ten
 
 
 
-def _loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """The local mini-batch's count that turns micro-batch sums into the mini-batch mean."""
+def loss_units(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The units the loss averages over in ``mask`` [b, T] (gil_megatron/metrics.py): response
+    tokens for token_mean, sequences with at least one response token otherwise."""
     if mode == "token_mean":
-        return mask.sum().clamp(min=1)
-    return (mask.sum(-1) > 0).sum().clamp(min=1).float()
+        return mask.sum()
+    return (mask.sum(-1) > 0).sum().float()
+
+
+def step_sums(metrics: Dict[str, torch.Tensor], normalized: Tuple[str, ...], normalizer: torch.Tensor,
+              units: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """A PPO micro-batch's metrics as sums (gil_megatron/metrics.py). ``normalized`` metrics are
+    this micro-batch's share of the mini-batch mean (divided by ``normalizer``): they become
+    (sum over its ``units``, units), so the step reports the mean over the global mini-batch. The
+    others are micro-batch means: (mean, 1), so the step reports their mean over micro-batches."""
+    return {k: metric_sum(v * normalizer, units) if k in normalized else metric_sum(v, 1.0)
+            for k, v in metrics.items()}
 
 
 def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -457,31 +461,6 @@ def gather_across_dp(local: Dict[str, torch.Tensor], pad_id: int) -> Dict[str, t
         parts = collectives.all_gather(t.to(device), group)
         out[name] = torch.stack(parts, dim=1).reshape(-1, *t.shape[1:]).cpu()  # interleave rows
     return out
-
-
-def reduce_microbatch_metrics(metrics: List[Dict[str, torch.Tensor]], sum_keys=()) -> Dict[str, float]:
-    """Average micro-batch metrics (sum for losses already normalised to the mini-batch) on the
-    last stage, average over DP, and return plain floats (one host sync per step)."""
-    if not metrics:
-        return {}
-    keys = sorted({k for m in metrics for k in m})
-    values = torch.stack([
-        torch.stack([m[k].float() for m in metrics if k in m]).sum() if k in sum_keys
-        else torch.stack([m[k].float() for m in metrics if k in m]).mean() for k in keys])
-    group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(group) > 1:
-        values = collectives.all_reduce(values, group) / dist.get_world_size(group)
-    return dict(zip(keys, values.tolist()))
-
-
-def sync_metrics_to_rank0(metrics: Dict[str, float]) -> Dict[str, float]:
-    """Training-step metrics exist on the last pipeline stage; rank 0 (first stage) logs them."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return metrics
-    merged = dict(collectives.broadcast_object(metrics, parallel_state.get_pipeline_model_parallel_last_rank(),
-                                               parallel_state.get_pipeline_model_parallel_group()))
-    merged.update({k: v for k, v in metrics.items() if k not in merged})
-    return merged
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:

@@ -239,7 +239,7 @@ def _bf16_steps(init: str, out: str, distributed_optimizer: bool, tp: int, steps
     from gil_megatron import checkpoint, distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.optim import OptimSettings, Trainable
-    from gil_megatron.stages.common import token_logprobs
+    from gil_megatron.scoring import action_logprobs
 
     layout = distributed.initialize(tp, 1, seed=0)
     model = model_from_checkpoint(init, "actor", layout, torch.bfloat16)
@@ -256,7 +256,7 @@ def _bf16_steps(init: str, out: str, distributed_optimizer: bool, tp: int, steps
         rows = batches[step][layout.dp_rank::layout.dp]  # this DP rank's half of the global batch
 
         def loss_fn(mb, logits):
-            return -token_logprobs(logits.float(), mb["input_ids"]).mean(), {}
+            return -action_logprobs(logits.float(), mb["input_ids"])[0].mean(), {}
 
         trainable.forward_backward([{"input_ids": rows}], loss_fn)
         updated, norm = trainable.step()

@@ -22,7 +22,7 @@ def _grads_per_recompute_mode(actor_dir: str):
     from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.optim import OptimSettings, Trainable, main_grads
-    from gil_megatron.stages.common import token_logprobs
+    from gil_megatron.scoring import action_logprobs
 
     layout = distributed.initialize(2, 1, seed=0)
     ids = torch.randint(0, 24, (4, 12), generator=torch.Generator().manual_seed(1))
@@ -38,7 +38,7 @@ def _grads_per_recompute_mode(actor_dir: str):
             lambda *a: calls.__setitem__("core_attention", calls["core_attention"] + 1))
 
         def loss_fn(mb, logits):
-            loss = -token_logprobs(logits, mb["input_ids"]).mean() / len(microbatches)
+            loss = -action_logprobs(logits, mb["input_ids"])[0].mean() / len(microbatches)
             return loss, {"loss": loss.detach()}
 
         metrics = trainable.forward_backward(microbatches, loss_fn)

@@ -194,7 +194,8 @@ def main(argv=None):
 
     from gil_megatron import distributed
     from gil_megatron.data import load_prompts, pad_token_id
-    from gil_megatron.evaluation import PolicyResult, Scorers, build_report, evaluate_policy, write_report
+    from gil_megatron.evaluation import Scorers, evaluate_policy
+    from gil_megatron.report import PolicyResult, build_report, write_report
     from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
     from gil_megatron.rollout import SamplingSettings
     from gil_megatron.scoring import RewardFunction

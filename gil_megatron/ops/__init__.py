@@ -3,21 +3,23 @@
 from gil_megatron.ops.logprob import (
     HAVE_KERNEL,
     KL_REDUCTIONS,
-    fused_logprobs_kl,
     kernel_backend,
     masked_kl,
     reference_masked_kl,
     reference_vocab_parallel_logprobs,
+    vocab_parallel_kl,
+    vocab_parallel_log_softmax,
     vocab_parallel_logprobs,
 )
 
 __all__ = [
     "HAVE_KERNEL",
     "KL_REDUCTIONS",
-    "fused_logprobs_kl",
     "kernel_backend",
     "masked_kl",
     "reference_masked_kl",
     "reference_vocab_parallel_logprobs",
+    "vocab_parallel_kl",
+    "vocab_parallel_log_softmax",
     "vocab_parallel_logprobs",
 ]

@@ -30,6 +30,11 @@ Three implementations answer the same API; ``kernel_backend(device)`` says which
                  GIL_MEGATRON_REQUIRE_KERNEL=1 turns that fallback into an error (CI sets it).
 The dispatcher picks the CPU or CUDA kernel from the tensors' device: no device branches here.
 
+Evaluation needs more than the sampled tokens: the exact KL between two whole next-token
+distributions. ``vocab_parallel_log_softmax`` gives the log-softmax of a shard from the same
+partials (max and sum-exp, all-reduced the same way) and ``vocab_parallel_kl`` sums
+p (log p - log p_ref) over the vocabulary; both materialise the shard in fp32 (readable torch).
+
 KL estimators are the ones of gil_megatron/algo/kl.py (the single definition); the kernels implement
 the same formulas and the tests compare them.
 """
@@ -42,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from gil_megatron import collectives
 from gil_megatron.algo.kl import get_kl_estimator, kl_per_token
 
 try:  # loading the library registers torch.ops.gil_megatron.*
@@ -63,7 +69,6 @@ __all__ = [
     "KL_REDUCTIONS",
     "LogprobPartials",
     "finalize_logprobs",
-    "fused_logprobs_kl",
     "kernel_backend",
     "masked_kl",
     "reduce_masked",
@@ -71,6 +76,8 @@ __all__ = [
     "reference_masked_kl",
     "reference_vocab_parallel_logprobs",
     "rescale_partials",
+    "vocab_parallel_kl",
+    "vocab_parallel_log_softmax",
     "vocab_parallel_logprobs",
 ]
 
@@ -241,9 +248,7 @@ class _AllReduceSumIdentityGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
+        return collectives.all_reduce(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -254,8 +259,7 @@ def _all_reduce_partials(partials: LogprobPartials, tp_group):
     """(M, S, T, W) over the TP group: a MAX all-reduce of [N], then one SUM all-reduce of [2 or 3, N]."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return partials.max, partials.sumexp, partials.target_logit, partials.entropy
-    global_max = partials.max.clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    global_max = collectives.all_reduce(partials.max.clone(), tp_group, op=dist.ReduceOp.MAX)
     sumexp, entropy = rescale_partials(partials, global_max)
     rows = [sumexp, partials.target_logit] + ([entropy] if entropy is not None else [])
     reduced = _AllReduceSumIdentityGrad.apply(torch.stack(rows), tp_group)  # [2 or 3, N]
@@ -283,6 +287,40 @@ def reference_vocab_parallel_logprobs(
     global_max, sumexp, target_logit, entropy_partial = _all_reduce_partials(partials, tp_group)
     logprobs, _, entropy = finalize_logprobs(global_max, sumexp, target_logit, entropy_partial)
     return logprobs.view(targets.shape), (None if entropy is None else entropy.view(targets.shape))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole distributions (evaluation): log-softmax of a shard and the exact KL between two
+
+
+def vocab_parallel_log_softmax(logits: torch.Tensor, tp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """log softmax over the FULL vocabulary of this rank's shard: [..., V_local] -> [..., V_local],
+    fp32 (fp64 for fp64 input). Under TP only the per-token max and sum-exp cross ranks (the
+    partials above). Padded vocabulary entries (-inf) get -inf; a shard of padding only is fine."""
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [..., vocab_local] with a non-empty vocab dim")
+    rows = logits.reshape(-1, logits.shape[-1])
+    rows = rows if rows.dtype == torch.float64 else rows.float()  # [N, V_local]
+    no_targets = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    partials = reference_logprob_partials(rows, no_targets, 0, compute_entropy=False)
+    global_max, sumexp, _, _ = _all_reduce_partials(partials, tp_group)
+    return (rows - global_max.unsqueeze(-1) - sumexp.log().unsqueeze(-1)).view(logits.shape)
+
+
+def vocab_parallel_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
+                      tp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Exact KL(p || p_ref) = sum_v p(v) (log p(v) - log p_ref(v)) at every position, from two
+    vocab shards [..., V_local] -> [...] fp32 (not a sampled estimate: meaningful for greedy
+    responses too). Entries where p is 0 (padded vocabulary) add 0."""
+    if logits.shape != ref_logits.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the same shape")
+    logp = vocab_parallel_log_softmax(logits, tp_group)
+    logr = vocab_parallel_log_softmax(ref_logits, tp_group)
+    p = logp.exp()
+    local = torch.where(p > 0, p * (logp - logr), torch.zeros_like(p)).sum(dim=-1)  # this shard's terms
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return local
+    return _AllReduceSumIdentityGrad.apply(local, tp_group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,7 +359,6 @@ class _FusedLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, targets, global_max, log_s, entropy = ctx.saved_tensors
-        V = logits.shape[-1]
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(log_s)
         grad_logprobs = grad_logprobs.reshape(-1).float().contiguous()
@@ -489,27 +526,6 @@ def masked_kl(
     mask = mask.to(dtype)
     per_token = _MaskedKL.apply(logprobs.to(dtype), ref_logprobs.to(dtype), mask, estimator)
     return reduce_masked(per_token, mask, reduction)
-
-
-def fused_logprobs_kl(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    estimator: str = "k1",
-    reduction: str = "none",
-    tp_group: Optional[dist.ProcessGroup] = None,
-    compute_entropy: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """``vocab_parallel_logprobs`` then ``masked_kl`` on its output: one pass over the logits.
-
-    Returns (logprobs [...], entropy [...] or None, kl reduced as ``reduction``).
-    """
-    _check_logprob_inputs(logits, targets, LOGITS_DTYPES)
-    _check_kl_inputs(targets, ref_logprobs, mask, estimator, reduction)  # before the heavy pass
-    logprobs, entropy = vocab_parallel_logprobs(logits, targets, tp_group, compute_entropy)
-    kl = masked_kl(logprobs, ref_logprobs, mask, estimator, reduction)
-    return logprobs, entropy, kl
 
 
 # torch.compile / meta-tensor support: shapes of the kernel outputs.

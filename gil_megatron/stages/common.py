@@ -1,4 +1,5 @@
-"""The training loop shared by SFT, reward-model and DPO training (one engine, three objectives).
+"""What SFT, reward-model and DPO training share (one engine, three objectives); the loop itself is
+gil_megatron/loop.py, the one PPO runs too.
 
 A stage (sft.py, reward_model.py, dpo.py) subclasses ``Stage`` and says only what differs: the
 dataset it reads, how a batch becomes micro-batches, what one micro-batch counts for the loss's
@@ -8,10 +9,10 @@ denominator, and the loss of one micro-batch. Everything else is here, in the or
     distributed.initialize(tp, pp)     dp = world / (tp * pp)
     model_from_checkpoint(init, role)  -> Trainable (megatron DDP + optimizer + LR schedule)
     resume (checkpoint.resume=auto)    weights, optimizer, scheduler, RNG, data cursor (any layout)
-    per optimizer step:
+    gil_megatron/loop.py runs the steps; one optimizer step (``StageRun.train_step``):
         batch = loader.next_batch()                  this rank's global_batch_size / dp examples
         mbs = stage.microbatches(batch)              micro_batch_size examples each, on the device
-        normalizer = all_reduce_dp(sum count) / dp   see "Loss normalisation"
+        normalizer = loss_normalizer(sum count)      N_global / dp (gil_megatron/metrics.py)
         stage.before_forward(mbs)                    DPO: reference log-probs, no grad
         trainable.forward_backward(mbs, loss)        megatron's pipeline schedule; DDP grad all-reduce
         trainable.step()                             clip, Adam, LR schedule
@@ -19,25 +20,17 @@ denominator, and the loss of one micro-batch. Everything else is here, in the or
     eval every train.eval_every steps and at the end; checkpoint every train.save_every and at the end
     final model directory (our format, loadable by any layout) -> ``output`` (default run_dir/model)
 
-Loss normalisation. The objective of a step is a mean over the GLOBAL batch (per response token
-for SFT, per pair for the reward model and DPO). megatron's DDP averages gradients over the dp
-ranks (``average_in_collective=False`` pre-scales each rank's gradient by 1/dp before the sum), and
-``run_microbatches`` undoes the schedule's averaging over micro-batches. So the loss of one
-micro-batch is  sum_(its examples) l / (N_global / dp),  which makes the reduced gradient exactly
-the single-rank gradient of  sum_(global batch) l / N_global  for any tp / pp / dp and any
-micro-batch split (tests/stages/test_stages.py checks TP2 and DP2 against TP1).
-
-Metrics. A loss function returns (loss, sums): detached tensors that ADD over micro-batches and
-ranks: ``count`` (tokens or pairs), each metric as mean * count, and in eval per-known-group vectors
-``group/<metric>`` [G] with ``group_count`` [G]. ``reduce_sums`` adds them up, all-reduces once over
-data parallelism, syncs to the host once and divides: train/<metric>, eval/<metric>,
-eval/group/<name>/<metric>. No ``.item()`` runs per micro-batch.
+Loss normalisation and metrics follow gil_megatron/metrics.py, as PPO does: the loss of a
+micro-batch is sum_(its units) l / (N_global / dp), with units = response tokens for SFT and pairs
+for the reward model and DPO, so the gradient is the global batch's mean for any layout
+(tests/stages/test_stages.py checks TP2 and DP2 against TP1). A loss function returns (loss, sums):
+each metric as (mean * count, count), and in eval per-known-group pairs ``group/<metric>`` [2, G];
+they give train/<metric>, eval/<metric>, eval/group/<name>/<metric> and train/<count_name>.
 """
 
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,20 +38,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gil_megatron import collectives, distributed
+from gil_megatron import distributed, loop
 from gil_megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv, to_dict
-from gil_megatron.data import DataLoader, PreferenceBatch, SequenceBatch, eval_batches, pad_token_id
+from gil_megatron.data import (
+    DataLoader, PreferenceBatch, SequenceBatch, eval_batches, load_preferences, options_from_config, pad_token_id,
+)
 from gil_megatron.distributed import ParallelLayout
-from gil_megatron.logging import MetricsLogger
+from gil_megatron.metrics import Sums, Totals, loss_normalizer, metric_sum, ratio, reduce_sums
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.convert import copy_tokenizer_files  # the one list of tokenizer files
 from gil_megatron.models.pipeline import run_microbatches
 from gil_megatron.models.weights import CheckpointError, model_state_for_save, save_shard, write_meta
-from gil_megatron.ops.logprob import vocab_parallel_logprobs
 from gil_megatron.optim import Trainable
 
-Sums = Dict[str, torch.Tensor]
 MODEL_KEY = "model"  # the trained model's name inside training checkpoints
 
 
@@ -143,15 +136,6 @@ def chunks(n: int, size: int) -> List[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Vocab-parallel logits [b, s, V/tp] -> [b, s-1]: position t holds log p(input_ids[t+1] | ids[<=t]).
-    Only per-token scalars cross the TP group (gil_megatron/ops/logprob.py)."""
-    logprobs, _ = vocab_parallel_logprobs(
-        logits[:, :-1].contiguous(), input_ids[:, 1:], tp_group=parallel_state.get_tensor_model_parallel_group()
-    )
-    return logprobs
-
-
 def sequence_microbatch(stage: Stage, seqs: SequenceBatch, sl: slice) -> Dict[str, torch.Tensor]:
     """Rows ``sl`` of a SequenceBatch, cut to their longest row: input_ids, lengths,
     response_mask [b, s]; weight [b] (0 on eval filler rows); group_ids [b]."""
@@ -190,99 +174,76 @@ def pair_microbatch(stage: Stage, batch: PreferenceBatch, sl: slice) -> Dict[str
     return mb
 
 
-def sums_from_means(metrics: Dict[str, torch.Tensor], count: torch.Tensor) -> Sums:
-    """Weighted means over a micro-batch -> additive sums (mean * count), plus ``count``."""
-    sums = {k: v.detach().double() * count.double() for k, v in metrics.items()}
-    sums["count"] = count.detach().double()
-    return sums
-
-
 def add_group_sums(sums: Sums, stage: Stage, per_example: Dict[str, torch.Tensor], weight: torch.Tensor,
                    group_ids: torch.Tensor) -> Sums:
     """Per-known-group sums of per-example values ([b] each, weighted by ``weight`` [b]):
-    ``group/<name>`` [G] and ``group_count`` [G]. Examples without a group are left out."""
+    ``group/<name>`` [2, G] (weighted sums, group counts). Examples without a group are left out."""
     G = len(stage.group_names)
     if G == 0:
         return sums
     known = group_ids >= 0
     index = group_ids.clamp_min(0)
     w = (weight * known).double()
-    sums["group_count"] = torch.zeros(G, dtype=torch.float64, device=w.device).index_add_(0, index, w)
+    count = torch.zeros(G, dtype=torch.float64, device=w.device).index_add_(0, index, w)
     for name, value in per_example.items():
-        sums[f"group/{name}"] = torch.zeros(G, dtype=torch.float64, device=w.device).index_add_(
-            0, index, value.detach().double() * w)
+        total = torch.zeros(G, dtype=torch.float64, device=w.device).index_add_(0, index, value.detach().double() * w)
+        sums[f"group/{name}"] = metric_sum(total, count)
     return sums
 
 
+class PairStage(Stage):
+    """A stage trained on preference pairs (reward model, DPO): chosen and rejected responses of a
+    pair go through the model in one forward; the objective is a mean over pairs."""
+
+    count_name = "pairs"
+
+    def load_dataset(self, path: str):
+        d = self.cfg.data
+        return load_preferences(path, self.tokenizer, max_length=d.max_length,
+                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
+
+    def microbatches(self, batch: PreferenceBatch) -> List[Dict[str, torch.Tensor]]:
+        return [pair_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
+
+    def count(self, mb) -> torch.Tensor:
+        return mb["weight"].sum()
+
+
 # ---------------------------------------------------------------------------------------------
-# Metric reduction: once per step
+# Metrics, step, eval, save
 # ---------------------------------------------------------------------------------------------
 
 
-def reduce_sums(per_microbatch: List[Sums], layout: ParallelLayout, prefix: str, count_name: str,
-                group_names: Sequence[str]) -> Dict[str, float]:
-    """Add the micro-batches' sums, all-reduce over data parallelism, sync to the host once and
-    divide by the counts. The last pipeline stage computes; every rank returns the result."""
-    result = None
-    if layout.is_last_stage:
-        keys = sorted(per_microbatch[0])
-        parts = [torch.stack([s[k] for s in per_microbatch]).sum(0).reshape(-1) for k in keys]
-        flat = torch.cat(parts).double()
-        if layout.dp > 1:
-            flat = collectives.all_reduce(flat, parallel_state.get_data_parallel_group())
-        values = flat.tolist()  # the one host sync
-        totals, i = {}, 0
-        for k, p in zip(keys, parts):
-            totals[k], i = values[i:i + p.numel()], i + p.numel()
-        result = _divide(totals, prefix, count_name, group_names)
-    if layout.pp > 1:
-        result = collectives.broadcast_object(result, parallel_state.get_pipeline_model_parallel_last_rank(),
-                                              parallel_state.get_pipeline_model_parallel_group())
-    return result
-
-
-def _divide(totals: Dict[str, List[float]], prefix: str, count_name: str,
-            group_names: Sequence[str]) -> Dict[str, float]:
-    count = totals["count"][0]
-    out = {f"{prefix}/{count_name}": count}
-    for key, value in totals.items():
-        if key in ("count", "group_count"):
-            continue
+def stage_metrics(per_microbatch: List[Sums], prefix: str, count_name: str,
+                  group_names: Sequence[str]) -> Dict[str, float]:
+    """A step's (or an eval pass's) sums -> ``prefix/<metric>``, ``prefix/group/<g>/<metric>`` and
+    ``prefix/<count_name>`` (the loss's denominator: tokens or pairs), on every rank."""
+    totals: Totals = reduce_sums(per_microbatch, parallel_state.get_data_parallel_group(),
+                                 parallel_state.get_pipeline_model_parallel_group())
+    out = {f"{prefix}/{count_name}": totals["loss"][1][0]}
+    for key, (num, den) in totals.items():
         if key.startswith("group/"):
             metric = key[len("group/"):]
             for g, name in enumerate(group_names):
-                n = totals["group_count"][g]
-                if n > 0:
-                    out[f"{prefix}/group/{name}/{metric}"] = value[g] / n
+                if den[g] > 0:
+                    out[f"{prefix}/group/{name}/{metric}"] = num[g] / den[g]
         else:
-            out[f"{prefix}/{key}"] = value[0] / count if count > 0 else float("nan")
+            out[f"{prefix}/{key}"] = ratio(num[0], den[0])
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Step, eval, save
-# ---------------------------------------------------------------------------------------------
-
-
-def global_count(stage: Stage, mbs, layout: ParallelLayout) -> torch.Tensor:
-    """sum over this step's global batch of ``stage.count`` (every rank computes it from its data)."""
-    total = torch.stack([stage.count(mb).double() for mb in mbs]).sum()
-    if layout.dp > 1:
-        total = collectives.all_reduce(total, parallel_state.get_data_parallel_group())
-    return total
-
-
-def train_step(stage: Stage, trainable: Trainable, loader: DataLoader, layout: ParallelLayout) -> Dict[str, float]:
+def train_step(stage: Stage, trainable: Trainable, loader: DataLoader) -> Tuple[Dict[str, float], bool]:
+    """One optimizer step: (metrics, whether the update went through)."""
     mbs = stage.microbatches(loader.next_batch())
-    # per-rank denominator: with DDP's 1/dp gradient averaging this gives the global-batch mean
-    normalizer = (global_count(stage, mbs, layout) / layout.dp).clamp_min(1.0)
+    count = torch.stack([stage.count(mb).double() for mb in mbs]).sum()
+    normalizer = loss_normalizer(count, parallel_state.get_data_parallel_group())
     stage.before_forward(mbs)
     outs = trainable.forward_backward(mbs, lambda mb, out: stage.loss(mb, out, normalizer, False))
     updated, grad_norm = trainable.step()
-    metrics = reduce_sums(outs, layout, "train", stage.count_name, stage.group_names)
+    metrics = stage_metrics(outs, "train", stage.count_name, stage.group_names)
     metrics.update({"optim/lr": trainable.lr(), "optim/grad_norm": grad_norm, "optim/skipped": float(not updated),
                     "train/epoch": float(loader.epoch)})
-    return metrics
+    return metrics, updated
 
 
 @torch.no_grad()
@@ -294,7 +255,7 @@ def evaluate(stage: Stage, model: torch.nn.Module, dataset, layout: ParallelLayo
         mbs = stage.microbatches(batch)
         stage.before_forward(mbs)
         sums.extend(run_microbatches(model, mbs, lambda mb, out: stage.loss(mb, out, None, True), forward_only=True))
-    return reduce_sums(sums, layout, "eval", stage.count_name, stage.group_names)
+    return stage_metrics(sums, "eval", stage.count_name, stage.group_names)
 
 
 def _barrier() -> None:
@@ -332,7 +293,7 @@ def save_model_dir(out_dir: str, layout: ParallelLayout, model, tokenizer_dir: s
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# One run: build, resume, the loop, the final model directory
 # ---------------------------------------------------------------------------------------------
 
 
@@ -348,6 +309,27 @@ class StageRun:
     loader: DataLoader
     eval_set: object
     tokenizer_dir: str
+    step: int = 0
+    """Optimizer steps done."""
+    bad_steps: int = 0
+    """Consecutive steps skipped for non-finite gradients (saved with the checkpoint)."""
+
+    # loop.Job
+    def train_step(self) -> Tuple[Dict[str, float], bool]:
+        return train_step(self.stage, self.trainable, self.loader)
+
+    def advance(self, step: int, bad_steps: int) -> None:
+        self.step, self.bad_steps = step, bad_steps
+
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        if self.eval_set is None:
+            return None
+        return evaluate(self.stage, self.trainable.model, self.eval_set, self.layout)
+
+    def save(self) -> None:
+        save_checkpoint(self.cfg.run_dir, self.step, self.layout, {MODEL_KEY: self.model}, {MODEL_KEY: self.trainable},
+                        {"stage": self.stage.name, "data": self.loader.state_dict(), "bad_steps": self.bad_steps},
+                        self.cfg.checkpoint.keep_last, tokenizer_dir=self.tokenizer_dir)
 
 
 def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
@@ -377,18 +359,19 @@ def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
     return StageRun(cfg, stage, layout, model, trainable, loader, eval_set, tokenizer_dir)
 
 
-def resume(r: StageRun) -> Tuple[int, Optional[str]]:
-    """checkpoint.resume: restore weights, optimizer, LR schedule, RNG and the data cursor.
-    Returns (the step to continue after, the checkpoint or None)."""
+def resume(r: StageRun) -> Optional[str]:
+    """checkpoint.resume: restore weights, optimizer, LR schedule, RNG, the data cursor and the step
+    counters into ``r``. Returns the checkpoint, or None for a fresh start."""
     path = resolve_resume(r.cfg.run_dir, r.cfg.checkpoint.resume)
     if path is None:
-        return 0, None
+        return None
     state = load_checkpoint(path, r.layout, {MODEL_KEY: r.trainable})
     if state.get("stage") != r.stage.name:
         raise CheckpointError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not "
                               f"{r.stage.name!r}; use another run_dir or checkpoint.resume=none")
     r.loader.load_state_dict(state["data"])
-    return int(state["iteration"]), path
+    r.advance(int(state["iteration"]), int(state.get("bad_steps", 0)))
+    return path
 
 
 def run(stage_cls, argv: Sequence[str]) -> Dict[str, float]:
@@ -396,36 +379,19 @@ def run(stage_cls, argv: Sequence[str]) -> Dict[str, float]:
     (plus ``step``) on every rank. Leaves the process group up (the CLI tears it down)."""
     r = build_run(stage_cls, argv)
     cfg, stage, layout = r.cfg, r.stage, r.layout
-    start, resumed_from = resume(r)
-    logger = MetricsLogger(cfg.run_dir, cfg.train.steps, to_dict(cfg), progress=cfg.logging.progress,
-                           use_wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                           initial_step=start, desc=stage.name)
+    resumed_from = resume(r)
+    start = r.step
+    settings = loop.LoopSettings(cfg.train.steps, cfg.train.eval_every, cfg.train.save_every, cfg.train.max_bad_steps,
+                                 name=stage.name, fix="Lower optim.lr or check the data", show=stage.show)
+    logger = loop.open_logger(cfg.run_dir, cfg.logging, settings, to_dict(cfg), start)
     if distributed.is_rank0():
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
-    if resumed_from is not None:
-        logger.print(f"{stage.name}: resumed from {resumed_from} at step {start}")
-
-    last: Dict[str, float] = {}
-    steps, eval_every, save_every = cfg.train.steps, cfg.train.eval_every, cfg.train.save_every
-    for step in range(start + 1, steps + 1):
-        t0 = time.perf_counter()
-        metrics = train_step(stage, r.trainable, r.loader, layout)
-        metrics["time/step_s"] = time.perf_counter() - t0
-        if r.eval_set is not None and (step == steps or (eval_every and step % eval_every == 0)):
-            t1 = time.perf_counter()
-            metrics.update(evaluate(stage, r.trainable.model, r.eval_set, layout))
-            metrics["time/eval_s"] = time.perf_counter() - t1
-        logger.log(step, metrics, show=stage.show)
-        if step == steps or (save_every and step % save_every == 0):
-            save_checkpoint(cfg.run_dir, step, layout, {MODEL_KEY: r.model}, {MODEL_KEY: r.trainable},
-                            {"stage": stage.name, "data": r.loader.state_dict()}, cfg.checkpoint.keep_last,
-                            tokenizer_dir=r.tokenizer_dir)
-        last = {"step": step, **metrics}
-    if not last:  # nothing left to train (steps=0, or resumed at the end): evaluate what we have
-        last = {"step": start}
-        if r.eval_set is not None:
-            metrics = evaluate(stage, r.trainable.model, r.eval_set, layout)
+    last = loop.run(r, settings, logger, start, r.bad_steps, resumed_from)
+    last = {"step": r.step, **last}
+    if r.step == start:  # nothing left to train (steps=0, or resumed at the end): evaluate what we have
+        metrics = r.evaluate()
+        if metrics is not None:
             if start == 0:  # a resumed run already logged its last step
                 logger.log(start, metrics, show=stage.show)
             last.update(metrics)

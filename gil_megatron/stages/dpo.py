@@ -15,42 +15,29 @@ import torch
 
 from gil_megatron.algo.preference import dpo_loss, sequence_logprobs
 from gil_megatron.config import DPOConfig
-from gil_megatron.data import PreferenceBatch, load_preferences, options_from_config
 from gil_megatron.distributed import ParallelLayout
+from gil_megatron.metrics import Sums, sums_from_means
 from gil_megatron.models.build import model_from_checkpoint
 from gil_megatron.models.pipeline import run_microbatches
-from gil_megatron.stages.common import (
-    Stage, Sums, add_group_sums, chunks, pair_microbatch, run, sums_from_means, token_logprobs,
-)
+from gil_megatron.scoring import action_logprobs
+from gil_megatron.stages.common import PairStage, add_group_sums, run
 
 
 def _sequence_logprobs(mb, logits) -> torch.Tensor:
     """[2m] log pi(y | x) of the micro-batch's chosen-then-rejected rows."""
-    return sequence_logprobs(token_logprobs(logits, mb["input_ids"]), mb["response_mask"][:, 1:])
+    return sequence_logprobs(action_logprobs(logits, mb["input_ids"])[0], mb["response_mask"][:, 1:])
 
 
-class DPOStage(Stage):
+class DPOStage(PairStage):
     name = "dpo"
     schema = DPOConfig
     role = "actor"
-    count_name = "pairs"
     show = ("train/loss", "train/accuracy", "eval/accuracy")
     summary = ("eval/accuracy", "eval/loss", "eval/rewards/margin", "train/loss")
-
-    def load_dataset(self, path: str):
-        d = self.cfg.data
-        return load_preferences(path, self.tokenizer, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
 
     def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
         self.reference = model_from_checkpoint(self.cfg.reference or self.cfg.init, "actor", layout, dtype,
                                                trainable=False)
-
-    def microbatches(self, batch: PreferenceBatch) -> List[Dict[str, torch.Tensor]]:
-        return [pair_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
-
-    def count(self, mb) -> torch.Tensor:
-        return mb["weight"].sum()
 
     @torch.no_grad()
     def before_forward(self, mbs: List[Dict[str, torch.Tensor]]) -> None:

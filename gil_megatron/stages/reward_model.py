@@ -9,35 +9,23 @@ forward, concatenated along the batch. Eval reports pairwise accuracy on ``data.
 per known group). The output directory (role reward) is what PPO's ``models.reward_model`` loads.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from gil_megatron.algo.preference import bradley_terry_loss
 from gil_megatron.config import RewardModelConfig
-from gil_megatron.data import PreferenceBatch, load_preferences, options_from_config
+from gil_megatron.metrics import Sums, sums_from_means
 from gil_megatron.models.llama import score_at_last
-from gil_megatron.stages.common import Stage, Sums, add_group_sums, chunks, pair_microbatch, run, sums_from_means
+from gil_megatron.stages.common import PairStage, add_group_sums, run
 
 
-class RewardModelStage(Stage):
+class RewardModelStage(PairStage):
     name = "reward_model"
     schema = RewardModelConfig
     role = "reward"
-    count_name = "pairs"
     show = ("train/loss", "train/accuracy", "eval/accuracy")
     summary = ("eval/accuracy", "eval/loss", "train/accuracy")
-
-    def load_dataset(self, path: str):
-        d = self.cfg.data
-        return load_preferences(path, self.tokenizer, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, too_long=d.too_long, **options_from_config(d))
-
-    def microbatches(self, batch: PreferenceBatch) -> List[Dict[str, torch.Tensor]]:
-        return [pair_microbatch(self, batch, sl) for sl in chunks(len(batch), self.cfg.train.micro_batch_size)]
-
-    def count(self, mb) -> torch.Tensor:
-        return mb["weight"].sum()
 
     def loss(self, mb, per_token, normalizer: Optional[torch.Tensor], with_groups: bool) -> Tuple[torch.Tensor, Sums]:
         scores = score_at_last(per_token, mb["lengths"]).float()  # [2m]: the head at the last real token

@@ -16,9 +16,9 @@ from gil_megatron.algo.preference import sft_loss
 from gil_megatron.algo.ppo import masked_sum
 from gil_megatron.config import SFTConfig
 from gil_megatron.data import SequenceBatch, load_sft, options_from_config
-from gil_megatron.stages.common import (
-    Stage, Sums, add_group_sums, chunks, run, sequence_microbatch, sums_from_means, token_logprobs,
-)
+from gil_megatron.metrics import Sums, sums_from_means
+from gil_megatron.scoring import action_logprobs
+from gil_megatron.stages.common import Stage, add_group_sums, chunks, run, sequence_microbatch
 
 LOSS_AGG_MODE = "token_mean"  # every response token of the global batch weighs the same
 
@@ -48,7 +48,7 @@ class SFTStage(Stage):
         return self._target_mask(mb).sum()
 
     def loss(self, mb, logits, normalizer: Optional[torch.Tensor], with_groups: bool) -> Tuple[torch.Tensor, Sums]:
-        logprobs = token_logprobs(logits, mb["input_ids"])  # [b, s-1]
+        logprobs, _ = action_logprobs(logits, mb["input_ids"])  # [b, s-1]
         mask = self._target_mask(mb)
         loss, metrics = sft_loss(logprobs, mask, LOSS_AGG_MODE, normalizer)
         sums = sums_from_means({"loss": metrics["loss"]}, metrics["tokens"])

@@ -19,11 +19,12 @@ import torch.distributed as dist
 from gil_megatron.algo.kl import kl_per_token
 from gil_megatron.ops import logprob as L
 from gil_megatron.ops.logprob import (
-    fused_logprobs_kl,
     kernel_backend,
     masked_kl,
     reference_masked_kl,
     reference_vocab_parallel_logprobs,
+    vocab_parallel_kl,
+    vocab_parallel_log_softmax,
     vocab_parallel_logprobs,
 )
 
@@ -334,13 +335,16 @@ def test_masked_kl(device, mask_kind, estimator, reduction):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-def test_fused_logprobs_kl(device, mask_kind):
+def test_logprobs_then_masked_kl(device, mask_kind):
+    """The loop's in-loss KL: kernel log-probs (with entropy) into the masked-KL op; the gradient of
+    KL + entropy reaches the logits through both ops, the mask's weights included."""
     logits, targets = make_inputs((3, 7), 257, device=device)
     g = torch.Generator().manual_seed(4)
     ref = (-torch.rand(3, 7, generator=g) * 6).to(device)
     mask = make_mask(mask_kind, (3, 7), g, device)
     x = logits.clone().requires_grad_()
-    lp, ent, kl = fused_logprobs_kl(x, targets, ref, mask, "k3", "seq_mean_token_mean", compute_entropy=True)
+    lp, ent = vocab_parallel_logprobs(x, targets, compute_entropy=True)
+    kl = masked_kl(lp, ref, mask, "k3", "seq_mean_token_mean")
     (kl + ent.sum()).backward()
     x_r = logits.double().requires_grad_()  # float64 reference: the mask's weights reach the logits' grad
     lp_r, ent_r = reference_vocab_parallel_logprobs(x_r, targets, compute_entropy=True)
@@ -349,6 +353,34 @@ def test_fused_logprobs_kl(device, mask_kind):
     assert_close(lp, lp_r, 1e-5, "logprobs")
     assert_close(kl, kl_r, 1e-5, "kl")
     assert_close(x.grad, x_r.grad, 1e-5, "grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole distributions (evaluation's exact KL)
+
+
+def naive_log_softmax_and_kl(logits, ref_logits):
+    """float64 log_softmax over the full vocabulary, and KL(p || p_ref) with 0 log 0 = 0."""
+    logp, logr = logits.double().log_softmax(-1), ref_logits.double().log_softmax(-1)
+    p = logp.exp()
+    return logp, torch.where(p > 0, p * (logp - logr), torch.zeros_like(p)).sum(-1)
+
+
+def test_vocab_parallel_log_softmax_and_exact_kl_tp1():
+    logits, _ = make_inputs((3, 5), 40, scale=4.0, seed=1)
+    ref_logits, _ = make_inputs((3, 5), 40, scale=4.0, seed=2)
+    logits[..., 33:] = ref_logits[..., 33:] = NEG_INF  # padded vocabulary
+    logp_d, kl_d = naive_log_softmax_and_kl(logits, ref_logits)
+    logp = vocab_parallel_log_softmax(logits)
+    assert logp.dtype == torch.float32 and torch.all(logp[..., 33:] == NEG_INF)
+    assert_close(logp[..., :33], logp_d[..., :33], 1e-5, "log_softmax")
+    assert_close(vocab_parallel_kl(logits, ref_logits), kl_d, 1e-5, "exact kl")
+    assert torch.equal(vocab_parallel_kl(logits, logits), torch.zeros(3, 5))
+    low = logits.to(torch.bfloat16)  # bf16 logits: computed in fp32 from the bf16 values
+    assert_close(vocab_parallel_log_softmax(low)[..., :33], naive_log_softmax_and_kl(low, low)[0][..., :33], 1e-5,
+                 "bf16 log_softmax")
+    with pytest.raises(ValueError, match="same shape"):
+        vocab_parallel_kl(logits, ref_logits[..., :20])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,7 +433,7 @@ def test_masked_kl_threads(threads, estimator):
 # Tensor parallelism: TP=2 under gloo vs TP=1, and megatron-core's vocab_parallel_cross_entropy
 
 
-def _tp_worker(full_logits, targets, w_lp, w_ent, ref, mask):
+def _tp_worker(full_logits, targets, w_lp, w_ent, ref, mask, full_ref_logits):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from gil_megatron import distributed
@@ -414,7 +446,11 @@ def _tp_worker(full_logits, targets, w_lp, w_ent, ref, mask):
     out = {}
     for name, fn in (("kernel", vocab_parallel_logprobs), ("reference", reference_vocab_parallel_logprobs)):
         out[name] = run_with_grads(fn, shard, targets, w_lp, w_ent, tp_group=group)
-    _, _, out["kl"] = fused_logprobs_kl(shard, targets, ref, mask, "k2", "mean", tp_group=group)
+    lp, _ = vocab_parallel_logprobs(shard, targets, tp_group=group)
+    out["kl"] = masked_kl(lp, ref, mask, "k2", "mean")
+    ref_shard = full_ref_logits[..., rank * v_local : (rank + 1) * v_local]
+    out["log_softmax"] = vocab_parallel_log_softmax(shard, group)
+    out["exact_kl"] = vocab_parallel_kl(shard, ref_shard, group)
 
     def megatron(logits, tp_group):  # returns -logprob; it edits its input in place, so give it a copy
         x = logits.clone().requires_grad_()
@@ -443,8 +479,11 @@ def test_tp2_matches_tp1_and_megatron():
     ref, mask = -torch.rand(3, 8, generator=g) * 5, torch.rand(3, 8, generator=g) > 0.3
 
     lp1, ent1, grad1 = run_with_grads(vocab_parallel_logprobs, logits, targets, w_lp, w_ent)
-    _, _, kl1 = fused_logprobs_kl(logits, targets, ref, mask, "k2", "mean")
-    results = spawn(_tp_worker, 2, logits, targets, w_lp, w_ent, ref, mask)
+    kl1 = masked_kl(vocab_parallel_logprobs(logits, targets)[0], ref, mask, "k2", "mean")
+    ref_logits = make_inputs((3, 8), 2 * v_local, scale=4.0, seed=9)[0]
+    ref_logits[..., -5:] = NEG_INF
+    log_softmax_1, exact_kl_1 = naive_log_softmax_and_kl(logits, ref_logits)
+    results = spawn(_tp_worker, 2, logits, targets, w_lp, w_ent, ref, mask, ref_logits)
 
     for rank, res in enumerate(results):
         cols = slice(rank * v_local, (rank + 1) * v_local)
@@ -454,6 +493,8 @@ def test_tp2_matches_tp1_and_megatron():
             assert_close(ent, ent1, 1e-5, f"rank {rank} {name} entropy")
             assert_close(grad, grad1[..., cols], 1e-5, f"rank {rank} {name} grad")
         assert_close(res["kl"], kl1, 1e-5, f"rank {rank} kl")
+        assert_close(res["log_softmax"], log_softmax_1[..., cols], 1e-5, f"rank {rank} log_softmax")
+        assert_close(res["exact_kl"], exact_kl_1, 1e-5, f"rank {rank} exact kl")
         # megatron's gradient is that of the log-prob term only
         _, _, grad_lp_only = run_with_grads(vocab_parallel_logprobs, logits, targets, w_lp, torch.zeros_like(w_ent))
         for name, full in (("megatron_tp2", False), ("megatron_tp1", True)):
