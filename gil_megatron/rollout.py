@@ -16,20 +16,14 @@ How one batch is decoded (the classic megatron text-generation scheme):
   end, so causal attention keeps them out of every real token). The loop ends when all rows stop:
   one host sync per step (``done.all()``), unavoidable for early stopping.
 
-KV cache: megatron-core's own, ``StaticInferenceContext(max_batch_size, max_sequence_length)``
-passed as ``inference_context``. Each attention layer allocates [s_max, b, kv_heads/tp, head_dim]
-key/value buffers on first use, writes the new keys/values at ``sequence_len_offset`` and attends
-over the cached prefix; RoPE for the queries is sliced at the same offset, so ``position_ids`` do
-not move rotary positions (we still pass the true positions). With ``sequence_len_offset > 0``
-megatron switches attention to no-mask, which is exact because a decode step has one query
-token. We do not set megatron's ``InferenceMode``: it asks GPTModel to gather the TP logits itself
-and to use CUDA-only paths (flash decode, CUDA graphs); our actor head keeps logits vocab-parallel
-and we gather only the last position. On CPU this works with the existing ``cpu_compat`` patches
-(``torch.cuda.current_device`` for the cache buffers); no other patch is needed.
-Cost of this cache (measured on CPU, benchmarks/bench_generate.py): megatron stores keys before
-RoPE, so every step re-rotates the whole cached prefix, and the local attention expands GQA
-key/value heads over the whole prefix (``repeat_interleave``); at small hidden sizes these two are
-~30% of a decode step. We accept that rather than keep a private copy of megatron's attention.
+KV cache: our own decode path, ``models/inference.KVCacheDecoder``, on the model's own weights
+(the training forward is untouched). It preallocates [layers, b, kv_heads/tp, s_max, head_dim]
+key/value buffers per batch, rotates only the new positions and caches rotated keys, keeps GQA
+heads unexpanded, and computes the output layer for the last position only. Its logits equal the
+megatron forward's (tests/test_rollout.py). Why not megatron's ``StaticInferenceContext``: it caches
+keys before RoPE, so every step re-rotated the whole cached prefix, and its local attention expanded
+the GQA heads over the prefix every step; on CPU that made our generation 0.5-0.7x transformers'
+generate, and 1.2-1.3x with this path (benchmarks/bench_generate.py; a shared machine, noisy).
 
 Sampling: the last position's vocab-parallel logits [b, V_pad/tp] are all-gathered over TP
 ([b, V_pad] once per step), then temperature, top-k, top-p (in HF's order) and a multinomial draw
@@ -40,10 +34,9 @@ token goes to every stage with one broadcast on the pipeline group, and at the e
 state is copied from the last stage so it agrees on every rank afterwards.
 
 Pipeline parallelism: each step runs the stages one after another; stage k receives the hidden
-states [s_step, b, h] from stage k-1 (``torch.distributed.recv`` on the pipeline group, fed with
-``model.set_input_tensor`` as megatron's schedules do) and sends its output to stage k+1. There is
-no micro-batching across stages: simple and exact, with idle stages (a rollout engine would
-interleave micro-batches).
+states [b, s_step, h] from stage k-1 (``torch.distributed.recv`` on the pipeline group) and sends
+its output to stage k+1. There is no micro-batching across stages: simple and exact, with idle
+stages (a rollout engine would interleave micro-batches).
 """
 
 from dataclasses import dataclass
@@ -52,9 +45,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from gil_megatron import collectives
+from gil_megatron.models.inference import KVCacheDecoder
 
 
 @dataclass
@@ -159,20 +152,19 @@ class _StageLink:
             self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
             self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
 
-    def forward(self, model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                context: StaticInferenceContext) -> Optional[torch.Tensor]:
-        """input_ids/position_ids [b, s_step] -> last position's vocab-parallel logits [b, V/tp] on
-        the last stage, None elsewhere."""
+    def forward(self, decoder: KVCacheDecoder, input_ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
+        """input_ids [b, s_step] at positions start.. -> the last position's vocab-parallel logits
+        [b, V/tp] on the last stage, None elsewhere."""
+        hidden = None
         if not self.first:
-            hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.hidden_size,
-                                 dtype=self.dtype, device=input_ids.device)  # [s, b, h]
+            hidden = torch.empty(input_ids.shape[0], input_ids.shape[1], self.hidden_size,
+                                 dtype=self.dtype, device=input_ids.device)  # [b, s, h]
             dist.recv(hidden, src=self.prev_rank, group=self.group)
-            model.set_input_tensor(hidden)
-        output = model(input_ids, position_ids, inference_context=context)
+        output = decoder.step(input_ids, start, hidden)
         if not self.last:
             dist.send(output.contiguous(), dst=self.next_rank, group=self.group)
             return None
-        return output[:, -1, :]  # [b, V/tp]
+        return output  # [b, V/tp]
 
     def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pp > 1:
@@ -236,11 +228,9 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
         # are inference tensors; tokens and lengths were made outside, and what we return is
         # cloned, so training can use it as ordinary input.
         with torch.inference_mode():
-            _decode(model, link, tokens, positions, is_prompt, prompt_lengths, lengths, min_len,
+            _decode(model, link, tokens, is_prompt, prompt_lengths, lengths, min_len,
                     settings, generator)
     finally:
-        if not link.first:
-            model.set_input_tensor(None)
         model.train(was_training)
     link.sync_generator(generator, device)
 
@@ -252,7 +242,7 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
                         response_mask=response_mask)
 
 
-def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_lengths, lengths, min_len: int,
+def _decode(model, link: _StageLink, tokens, is_prompt, prompt_lengths, lengths, min_len: int,
             settings: SamplingSettings, generator) -> None:
     """The decode loop: fills ``tokens`` [b, width] and ``lengths`` [b] in place."""
     b, width = tokens.shape
@@ -260,14 +250,11 @@ def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_length
     vocab_size = arch.vocab_size if arch is not None else None
     eos = settings.eos_token_id
     done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-    context = StaticInferenceContext(max_batch_size=b, max_sequence_length=width)
+    decoder = KVCacheDecoder(model, batch_size=b, max_length=width)
     start = 0
     for t in range(min_len, width):
         # feed tokens [start, t): the prefill on the first step, then the one new token
-        step_ids = tokens[:, start:t]
-        step_pos = positions[start:t].unsqueeze(0).expand(b, -1)
-        last_logits = link.forward(model, step_ids, step_pos, context)  # [b, V/tp] on the last stage
-        context.sequence_len_offset = t
+        last_logits = link.forward(decoder, tokens[:, start:t], start)  # [b, V/tp] on the last stage
         start = t
 
         if link.last:
