@@ -22,8 +22,9 @@ key/value buffers per batch, rotates only the new positions and caches rotated k
 heads unexpanded, and computes the output layer for the last position only. Its logits equal the
 megatron forward's (tests/test_rollout.py). Why not megatron's ``StaticInferenceContext``: it caches
 keys before RoPE, so every step re-rotated the whole cached prefix, and its local attention expanded
-the GQA heads over the prefix every step; on CPU that made our generation 0.5-0.7x transformers'
-generate, and 1.2-1.3x with this path (benchmarks/bench_generate.py; a shared machine, noisy).
+the GQA heads over the prefix every step; on CPU that made our generation 0.60-0.65x transformers'
+generate, and 1.14-1.34x with this path (benchmarks/bench_generate.py, CPU-time ratio, three
+alternating runs each on a shared 2-core machine).
 
 Sampling: the last position's vocab-parallel logits [b, V_pad/tp] are all-gathered over TP
 ([b, V_pad] once per step), then temperature, top-k, top-p (in HF's order) and a multinomial draw
