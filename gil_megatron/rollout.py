@@ -224,8 +224,8 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
     was_training = model.training
     model.eval()
     try:
-        # inference_mode rather than no_grad: megatron's layers are autograd Functions, whose
-        # bookkeeping it skips (~20% of a decode step on CPU at small sizes). Tensors made inside
+        # inference_mode rather than no_grad: it also skips the version-counter and view bookkeeping
+        # of every op (megatron's embedding under TP is an autograd Function). Tensors made inside
         # are inference tensors; tokens and lengths were made outside, and what we return is
         # cloned, so training can use it as ordinary input.
         with torch.inference_mode():
