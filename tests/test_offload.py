@@ -6,6 +6,7 @@ import torch
 
 from gil_megatron.config import ConfigError, OffloadConfig, PPOConfig, load_config
 from gil_megatron.offload import FrozenOffload
+from test_trainer import mini  # noqa: F401  (the miniature fixture, for the slow trainer test)
 
 
 class Frozen(torch.nn.Module):
@@ -80,3 +81,24 @@ def test_memory_estimate_counts_offloaded_models_one_at_a_time():
     rm_bytes = memory.param_count(arch, "critic") * 2
     assert one == resident  # a single offloaded model still comes back for its turn
     assert both == pytest.approx(resident - min(ref_bytes, rm_bytes))
+
+
+def _with_and_without_offload(mini, out):
+    from test_trainer import _train, overrides
+
+    plain = _train(None, overrides(mini, out / "plain"))
+    offloaded = _train(None, overrides(mini, out / "offloaded", **{"offload.reference": True,
+                                                                    "offload.reward_model": True}))
+    return plain, offloaded
+
+
+@pytest.mark.slow
+def test_trainer_iteration_with_offload_equals_without(mini, tmp_path):
+    """The trainer's scoring and evaluation run through FrozenOffload.resident; on the CPU the
+    moves are no-ops, so one iteration's metrics equal the run without offload."""
+    from dist_utils import spawn
+    from test_trainer import comparable
+
+    plain, offloaded = spawn(_with_and_without_offload, 1, mini, tmp_path)[0]
+    assert len(plain) == 1
+    assert [comparable(m) for m in plain] == [comparable(m) for m in offloaded]
