@@ -68,7 +68,8 @@ def trl_python(venv: str) -> str:
                              capture_output=True, text=True).stdout.strip()
     if version != "True":
         skip(f"{base} is not Python 3.11, which TRL's venv is pinned to")
-    print(f"making TRL's venv in {venv} ({' '.join(TRL_PINS)}); this downloads torch once", flush=True)
+    print(f"making TRL's venv in {venv} ({' '.join(TRL_PINS)}); this downloads torch once", file=sys.stderr,
+          flush=True)
     subprocess.run([base, "-m", "venv", venv], check=True)
     pip = subprocess.run([python, "-m", "pip", "install", "--disable-pip-version-check", "-q", *TRL_PINS],
                          capture_output=True, text=True)
