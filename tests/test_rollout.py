@@ -67,23 +67,27 @@ def _no_cache_greedy(model, ids, prompt_lengths):
 
 
 def _decoder_logits(model):
-    """The decode path's last-position logits, step by step after a 5-token prefill, next to the
-    training forward's logits at the same positions: (forward [b, 8, V], decoded [b, 8, V],
-    decoded padded-vocabulary tail)."""
+    """The decode path's last-position logits, step by step after an 8-column prefill, next to the
+    training forward's logits at the same tokens: (forward [b, 5, V], decoded [b, 5, V], decoded
+    padded-vocabulary tail). Rows 1 and 2 are left-padded by 3 and 5 columns (what rollout does
+    with prompts of different lengths); the forward sees them unpadded."""
     from gil_megatron.models.inference import KVCacheDecoder
     from gil_megatron.models.pipeline import gather_vocab_shards
 
     ids = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(4))
-    prefill = 5
+    left_pad = torch.tensor([0, 3, 5])
+    prefill = 8
     model.eval()
     with torch.inference_mode():
-        forward = gather_vocab_shards(model(ids))  # [b, s, V_pad]
-        decoder = KVCacheDecoder(model, batch_size=3, max_length=16)  # slots past 12 stay unused
-        steps = [gather_vocab_shards(decoder.step(ids[:, :prefill], 0))]
+        decoder = KVCacheDecoder(model, batch_size=3, max_length=16, left_pad=left_pad)  # slots past 12 unused
+        padded = ids.masked_fill(torch.arange(12) < left_pad.unsqueeze(1), PAD)
+        steps = [gather_vocab_shards(decoder.step(padded[:, :prefill], 0))]
         for t in range(prefill, ids.shape[1]):
-            steps.append(gather_vocab_shards(decoder.step(ids[:, t:t + 1], t)))
-    decoded = torch.stack(steps, dim=1)  # [b, 8, V_pad]
-    return forward[:, prefill - 1:, :VOCAB], decoded[:, :, :VOCAB], decoded[:, :, VOCAB:]
+            steps.append(gather_vocab_shards(decoder.step(padded[:, t:t + 1], t)))
+        forward = torch.stack([gather_vocab_shards(model(ids[i:i + 1, p:]))[0, prefill - 1 - p:]
+                               for i, p in enumerate(left_pad.tolist())])  # [b, 5, V_pad]
+    decoded = torch.stack(steps, dim=1)  # [b, 5, V_pad]
+    return forward[..., :VOCAB], decoded[..., :VOCAB], decoded[..., VOCAB:]
 
 
 def _layout(ckpt, tp, pp, eq_eos):
@@ -217,7 +221,7 @@ def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
         if pp == 1:
             for r in results:
                 forward, decoded, padded = r["decoder_logits"]
-                assert decoded.shape == forward.shape == (3, 8, VOCAB)
+                assert decoded.shape == forward.shape == (3, 5, VOCAB)
                 torch.testing.assert_close(decoded, forward, rtol=1e-5, atol=1e-5)
                 assert torch.isneginf(padded).all()  # the padded vocabulary stays -inf
                 assert torch.equal(decoded.argmax(-1), forward.argmax(-1))

@@ -28,6 +28,8 @@ another spec (transformer-engine, where the norm lives inside the qkv linear) go
 module's own forward calls for those layers (``_linear`` below), untested here without a GPU.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -38,10 +40,13 @@ from gil_megatron.models.llama import mask_padded_vocab
 
 class KVCacheDecoder:
     """This rank's stage of ``model`` as a decoder with a preallocated, rotated key/value cache for
-    ``batch_size`` rows of up to ``max_length`` positions. Every row shares positions (the caller
-    keeps rows contiguous), so position ``p`` of every row lives at cache slot ``p``."""
+    ``batch_size`` rows of up to ``max_length`` columns; column ``c`` of every row lives at cache
+    slot ``c``. ``left_pad`` [b] (optional): row i starts with that many pad columns, which no real
+    token attends to, and its position 0 is column left_pad[i] (RoPE is relative, so the scores
+    equal those of the unpadded row)."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int):
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int,
+                 left_pad: Optional[torch.Tensor] = None):
         config = model.config
         self.model = model
         self.first = model.pre_process
@@ -63,6 +68,7 @@ class KVCacheDecoder:
         freqs = model.rotary_pos_emb(max_length).reshape(max_length, -1).float()
         self.cos = freqs.cos().to(dtype)
         self.sin = freqs.sin().to(dtype)
+        self.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
         if self.last:
             self.output_weight = (model.shared_embedding_or_output_weight()
                                   if model.share_embeddings_and_output_weights else model.output_layer.weight)
@@ -79,14 +85,33 @@ class KVCacheDecoder:
             return out if module.bias is None else out + module.bias
         return module(x)[0]  # another spec's linear (e.g. TE with the norm fused in)
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [b, heads, s, d] at positions start..start+s-1 -> rotated (megatron's rotate-half form)."""
-        s = x.shape[2]
-        cos, sin = self.cos[start:start + s], self.sin[start:start + s]  # [s, d]
+    def _angles(self, start: int, s: int):
+        """cos, sin of columns start..start+s-1: [s, d], or [b, 1, s, d] with per-row positions."""
+        if self.left_pad is None:
+            return self.cos[start:start + s], self.sin[start:start + s]
+        columns = torch.arange(start, start + s, device=self.left_pad.device)
+        positions = (columns.unsqueeze(0) - self.left_pad.unsqueeze(1)).clamp(min=0)  # [b, s]
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def _mask(self, start: int, s: int) -> Optional[torch.Tensor]:
+        """None (plain causal) without left padding; else bool [b, 1, s, start+s], True = attend:
+        causal, real keys only, and every query its own key (a pad query would otherwise attend to
+        nothing and turn its row into NaN)."""
+        if self.left_pad is None:
+            return None
+        keys = torch.arange(start + s, device=self.left_pad.device)
+        queries = keys[start:].unsqueeze(1)  # [s, 1]
+        real = keys.unsqueeze(0) >= self.left_pad.unsqueeze(1)  # [b, start+s]
+        allowed = (real.unsqueeze(1) & (keys <= queries).unsqueeze(0)) | (keys == queries).unsqueeze(0)
+        return allowed.unsqueeze(1)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [b, heads, s, d] rotated by the angles (megatron's rotate-half form)."""
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    def _attention(self, index: int, attn, x: torch.Tensor, start: int) -> torch.Tensor:
+    def _attention(self, index: int, attn, x: torch.Tensor, start: int, angles, mask) -> torch.Tensor:
         """x [b, s, h] (normed) -> attention output [b, s, h] (after the output projection)."""
         b, s, _ = x.shape
         qkv = self._linear(attn.linear_qkv, x)  # [b, s, ng * (np/ng + 2) * d]
@@ -96,15 +121,13 @@ class KVCacheDecoder:
         k = qkv[:, :, :, per_group].transpose(1, 2)  # [b, ng, s, d]
         v = qkv[:, :, :, per_group + 1].transpose(1, 2)
         end = start + s
-        self.keys[index, :, :, start:end] = self._rope(k, start)
+        self.keys[index, :, :, start:end] = self._rope(k, *angles)
         self.values[index, :, :, start:end] = v
-        q = self._rope(q, start)
+        q = self._rope(q, *angles)
         keys, values = self.keys[index, :, :, :end], self.values[index, :, :, :end]
-        # one new position attends to the whole prefix (no mask); a prefill from position 0 is causal
-        if s > 1 and start != 0:
-            raise ValueError("a multi-token step must start at position 0 (prefill)")
-        context = F.scaled_dot_product_attention(q, keys, values, is_causal=s > 1, scale=self.scale,
-                                                 enable_gqa=per_group > 1)  # [b, np, s, d]
+        # without padding: one new position attends to the whole prefix, a prefill is causal
+        context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and s > 1,
+                                                 scale=self.scale, enable_gqa=per_group > 1)  # [b, np, s, d]
         context = context.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self._linear(attn.linear_proj, context)
 
@@ -118,10 +141,15 @@ class KVCacheDecoder:
         later stages take the previous stage's ``hidden`` [b, s, h]). Returns the last position's
         vocab-parallel logits [b, V/tp] (padded entries -inf) on the last stage, hidden [b, s, h]
         elsewhere."""
+        s = input_ids.shape[1]
+        if s > 1 and start != 0:
+            raise ValueError("a multi-token step must start at column 0 (the prefill)")
+        angles, mask = self._angles(start, s), self._mask(start, s)
         if self.first:
             hidden = self.model.embedding.word_embeddings(input_ids)  # [b, s, h]
         for index, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(index, layer.self_attention, layer.input_layernorm(hidden), start)
+            hidden = hidden + self._attention(index, layer.self_attention, layer.input_layernorm(hidden), start,
+                                              angles, mask)
             hidden = hidden + self._mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
         if not self.last:
             return hidden
