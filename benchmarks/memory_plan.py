@@ -41,6 +41,10 @@ def plan(title, arch, tp, pp, dp, micro_batch, rollout_micro_batch, seq_len, gpu
     for k, v in per.items():
         print(f"  {k:34s} {v / GiB:7.2f} GiB")
     print(f"  {'estimator total (what the run checks)':34s} {est.total / GiB:7.2f} GiB")
+    offloaded = memory.estimate(archs, ("actor", "critic"), tp, pp, max(micro_batch, rollout_micro_batch), seq_len,
+                                2, 1, offloaded=("reference", "reward_model"))
+    print(f"  {'  with offload.reference+reward_model':34s} {offloaded.total / GiB:7.2f} GiB  "
+          f"(frozen models on the GPU one at a time)")
     print(f"  {'rollout KV cache (not estimated)':34s} {kv / GiB:7.2f} GiB")
     print(f"  {'grads+optimizer, distributed opt.':34s} {dist_opt / GiB:7.2f} GiB  (fp32 grads whole, 12 B/param / dp)")
     print(f"  {'total with both':34s} {total_dist / GiB:7.2f} GiB  of {gpu_gib:.1f} GiB "

@@ -195,6 +195,18 @@ class RolloutConfig:
 
 
 @dataclass
+class OffloadConfig:
+    """Frozen models kept in host memory between uses (gil_megatron/offload.py). They score once
+    per iteration; offloading trades a host-to-device copy of their weights per iteration for
+    their weights' accelerator memory. On the CPU the host is the device and nothing changes."""
+
+    reference: bool = False
+    """Offload the reference model (pinned host memory on GPU; on the device only while it scores)."""
+    reward_model: bool = False
+    """Offload the reward model (needs models.reward_model; a reward_fn has no weights)."""
+
+
+@dataclass
 class PPOSettings:
     epochs: int = 1
     """Passes over each rollout batch."""
@@ -357,6 +369,7 @@ class PPOConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     ppo: PPOSettings = field(default_factory=PPOSettings)
     gil: GILSettings = field(default_factory=GILSettings)
     actor_optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-6))
@@ -373,6 +386,9 @@ class PPOConfig:
         _require(n_seq % self.ppo.mini_batch_size == 0,
                  f"ppo.mini_batch_size={self.ppo.mini_batch_size} must divide the sequences per iteration "
                  f"rollout.batch_size * rollout.n_samples_per_prompt = {n_seq}")
+        _require(not self.offload.reward_model or self.models.reward_model is not None,
+                 "offload.reward_model=true but models.reward_model is not set (the reward comes from "
+                 "models.reward_fn, which has no weights); set offload.reward_model=false")
         algo = ALGORITHMS[self.algo]
         _require(algo.advantage not in ("grpo", "rloo") or self.rollout.n_samples_per_prompt > 1,
                  f"algo={self.algo} compares the samples of a prompt: set rollout.n_samples_per_prompt >= 2")

@@ -2,9 +2,10 @@
 instead of an out-of-memory error an hour into the run.
 
 Per rank: parameters of every model held (actor, reference, critic, reward model; each split
-tp * pp ways), gradients + Adam states for the two trained models, and activations of one
-micro-batch (a standard transformer estimate: ~34 * s * b * h bytes per layer in 16 bit,
-Korthikanti et al. 2022, scaled to the dtype; plus the vocab-parallel logits).
+tp * pp ways; models offloaded to the host between uses (offload.py) count only as the largest of
+them, since they are on the device one at a time), gradients + Adam states for the two trained
+models, and activations of one micro-batch (a standard transformer estimate: ~34 * s * b * h bytes
+per layer in 16 bit, Korthikanti et al. 2022, scaled to the dtype; plus the vocab-parallel logits).
 """
 
 import os
@@ -52,15 +53,20 @@ def available_bytes(ranks_per_node: int) -> tuple:
 
 
 def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int, micro_batch: int,
-             seq_len: int, dtype_bytes: int, ranks_per_node: int) -> MemoryEstimate:
+             seq_len: int, dtype_bytes: int, ranks_per_node: int, offloaded: tuple = ()) -> MemoryEstimate:
     split = tp * pp
     est = {"weights": 0.0, "grads+optimizer": 0.0, "activations": 0.0}
+    largest_offloaded = 0.0
     for name, arch in archs.items():
         n = param_count(arch, "actor" if name in ("actor", "reference") else "critic") / split
-        est["weights"] += n * dtype_bytes
+        if name in offloaded:
+            largest_offloaded = max(largest_offloaded, n * dtype_bytes)
+        else:
+            est["weights"] += n * dtype_bytes
         if name in trained:
             # fp32 main grads + Adam m, v (+ fp32 master weights when training in 16 bit)
             est["grads+optimizer"] += n * (4 + 8 + (4 if dtype_bytes < 4 else 0))
+    est["weights"] += largest_offloaded
     actor = archs["actor"]
     layers = actor.num_layers / pp
     est["activations"] = (34 * seq_len * micro_batch * actor.hidden_size * layers * dtype_bytes / 2 / tp

@@ -4,32 +4,30 @@
     batch = generate(actor, prompt_ids, prompt_lengths, settings, generator)
     batch.sequences [b, s]   batch.lengths [b]   batch.response_mask [b, s]   (same on every rank)
 
-How one batch is decoded (the classic megatron text-generation scheme):
+How one batch is decoded:
 
-- Prompts are right-padded ([b, s_p] + lengths). Decoding starts at the SHORTEST prompt length
-  s_min: one prefill forward over tokens [0, s_min), then one token per step. At step t a row whose
-  prompt is longer than t is "forced": its next token is its own prompt token t, not a sample. So
-  every row stays contiguous (prompt, response, pad), all rows share positions 0..s-1, and plain
-  causal attention is exact - no left padding, no attention mask.
+- Prompts come right-padded ([b, s_p] + lengths) and the result is right-padded too, but the
+  decoder works on LEFT-padded rows, so that every prompt ends at the same column: one prefill
+  forward over the longest prompt's columns, then exactly one sampled token per row per step
+  (max_new_tokens steps at most). Each row's positions start at its first real token (RoPE per
+  row) and an attention mask keeps the pad columns out of every real token, so each row's logits
+  equal those of the row alone. (megatron's scheme - start at the shortest prompt and "force" the
+  prompt tokens of longer rows - costs one decode step per token of length spread: 48 instead of
+  32 steps for prompts of 8-24 tokens and 32 new tokens.) Equal-length prompts need no mask.
 - A row stops at its first ``eos_token_id`` (kept, and counted in ``lengths``) or after
   ``max_new_tokens`` generated tokens; finished rows are fed pad tokens (they sit after the row's
-  end, so causal attention keeps them out of every real token). The loop ends when all rows stop:
+  end, so causal attention keeps them out of its real tokens). The loop ends when all rows stop:
   one host sync per step (``done.all()``), unavoidable for early stopping.
 
-KV cache: megatron-core's own, ``StaticInferenceContext(max_batch_size, max_sequence_length)``
-passed as ``inference_context``. Each attention layer allocates [s_max, b, kv_heads/tp, head_dim]
-key/value buffers on first use, writes the new keys/values at ``sequence_len_offset`` and attends
-over the cached prefix; RoPE for the queries is sliced at the same offset, so ``position_ids`` do
-not move rotary positions (we still pass the true positions). With ``sequence_len_offset > 0``
-megatron switches attention to no-mask, which is exact because a decode step has one query
-token. We do not set megatron's ``InferenceMode``: it asks GPTModel to gather the TP logits itself
-and to use CUDA-only paths (flash decode, CUDA graphs); our actor head keeps logits vocab-parallel
-and we gather only the last position. On CPU this works with the existing ``cpu_compat`` patches
-(``torch.cuda.current_device`` for the cache buffers); no other patch is needed.
-Cost of this cache (measured on CPU, benchmarks/bench_generate.py): megatron stores keys before
-RoPE, so every step re-rotates the whole cached prefix, and the local attention expands GQA
-key/value heads over the whole prefix (``repeat_interleave``); at small hidden sizes these two are
-~30% of a decode step. We accept that rather than keep a private copy of megatron's attention.
+KV cache: our own decode path, ``models/inference.KVCacheDecoder``, on the model's own weights
+(the training forward is untouched). It preallocates [layers, b, kv_heads/tp, s_max, head_dim]
+key/value buffers per batch, rotates only the new positions and caches rotated keys, keeps GQA
+heads unexpanded, and computes the output layer for the last position only. Its logits equal the
+megatron forward's (tests/test_rollout.py). Why not megatron's ``StaticInferenceContext``: it caches
+keys before RoPE, so every step re-rotated the whole cached prefix, and its local attention expanded
+the GQA heads over the prefix every step; on CPU that made our generation 0.60-0.65x transformers'
+generate, and 1.14-1.34x with this path (benchmarks/bench_generate.py, CPU-time ratio, three
+alternating runs each on a shared 2-core machine).
 
 Sampling: the last position's vocab-parallel logits [b, V_pad/tp] are all-gathered over TP
 ([b, V_pad] once per step), then temperature, top-k, top-p (in HF's order) and a multinomial draw
@@ -40,10 +38,9 @@ token goes to every stage with one broadcast on the pipeline group, and at the e
 state is copied from the last stage so it agrees on every rank afterwards.
 
 Pipeline parallelism: each step runs the stages one after another; stage k receives the hidden
-states [s_step, b, h] from stage k-1 (``torch.distributed.recv`` on the pipeline group, fed with
-``model.set_input_tensor`` as megatron's schedules do) and sends its output to stage k+1. There is
-no micro-batching across stages: simple and exact, with idle stages (a rollout engine would
-interleave micro-batches).
+states [b, s_step, h] from stage k-1 (``torch.distributed.recv`` on the pipeline group) and sends
+its output to stage k+1. There is no micro-batching across stages: simple and exact, with idle
+stages (a rollout engine would interleave micro-batches).
 """
 
 from dataclasses import dataclass
@@ -52,9 +49,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from gil_megatron import collectives
+from gil_megatron.models.inference import KVCacheDecoder
 
 
 @dataclass
@@ -159,20 +156,19 @@ class _StageLink:
             self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
             self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
 
-    def forward(self, model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                context: StaticInferenceContext) -> Optional[torch.Tensor]:
-        """input_ids/position_ids [b, s_step] -> last position's vocab-parallel logits [b, V/tp] on
-        the last stage, None elsewhere."""
+    def forward(self, decoder: KVCacheDecoder, input_ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
+        """input_ids [b, s_step] at positions start.. -> the last position's vocab-parallel logits
+        [b, V/tp] on the last stage, None elsewhere."""
+        hidden = None
         if not self.first:
-            hidden = torch.empty(input_ids.shape[1], input_ids.shape[0], self.hidden_size,
-                                 dtype=self.dtype, device=input_ids.device)  # [s, b, h]
+            hidden = torch.empty(input_ids.shape[0], input_ids.shape[1], self.hidden_size,
+                                 dtype=self.dtype, device=input_ids.device)  # [b, s, h]
             dist.recv(hidden, src=self.prev_rank, group=self.group)
-            model.set_input_tensor(hidden)
-        output = model(input_ids, position_ids, inference_context=context)
+        output = decoder.step(input_ids, start, hidden)
         if not self.last:
             dist.send(output.contiguous(), dst=self.next_rank, group=self.group)
             return None
-        return output[:, -1, :]  # [b, V/tp]
+        return output  # [b, V/tp]
 
     def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pp > 1:
@@ -231,16 +227,13 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
     was_training = model.training
     model.eval()
     try:
-        # inference_mode rather than no_grad: megatron's layers are autograd Functions, whose
-        # bookkeeping it skips (~20% of a decode step on CPU at small sizes). Tensors made inside
+        # inference_mode rather than no_grad: it also skips the version-counter and view bookkeeping
+        # of every op (megatron's embedding under TP is an autograd Function). Tensors made inside
         # are inference tensors; tokens and lengths were made outside, and what we return is
         # cloned, so training can use it as ordinary input.
         with torch.inference_mode():
-            _decode(model, link, tokens, positions, is_prompt, prompt_lengths, lengths, min_len,
-                    settings, generator)
+            _decode(model, link, tokens, prompt_lengths, lengths, settings, generator)
     finally:
-        if not link.first:
-            model.set_input_tensor(None)
         model.train(was_training)
     link.sync_generator(generator, device)
 
@@ -252,22 +245,28 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
                         response_mask=response_mask)
 
 
-def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_lengths, lengths, min_len: int,
-            settings: SamplingSettings, generator) -> None:
-    """The decode loop: fills ``tokens`` [b, width] and ``lengths`` [b] in place."""
+def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: SamplingSettings,
+            generator) -> None:
+    """The decode loop: fills ``tokens`` [b, width] (right-padded prompts in, responses appended)
+    and ``lengths`` [b] in place. Internally rows are left-padded so that every prompt ends at the
+    same column: one prefill, then exactly one new token per row per step."""
     b, width = tokens.shape
+    max_len = width - settings.max_new_tokens
     arch = getattr(model, "arch", None)
     vocab_size = arch.vocab_size if arch is not None else None
     eos = settings.eos_token_id
-    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-    context = StaticInferenceContext(max_batch_size=b, max_sequence_length=width)
+    device = tokens.device
+    left_pad = max_len - prompt_lengths  # [b]
+    source = torch.arange(max_len, device=device).unsqueeze(0) - left_pad.unsqueeze(1)  # [b, max_len]
+    work = torch.full_like(tokens, settings.pad_token_id)  # [b, width] left-padded prompt, then response
+    work[:, :max_len] = torch.where(source >= 0, tokens[:, :max_len].gather(1, source.clamp(min=0)),
+                                    settings.pad_token_id)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    decoder = KVCacheDecoder(model, batch_size=b, max_length=width, left_pad=left_pad)
     start = 0
-    for t in range(min_len, width):
-        # feed tokens [start, t): the prefill on the first step, then the one new token
-        step_ids = tokens[:, start:t]
-        step_pos = positions[start:t].unsqueeze(0).expand(b, -1)
-        last_logits = link.forward(model, step_ids, step_pos, context)  # [b, V/tp] on the last stage
-        context.sequence_len_offset = t
+    for t in range(max_len, width):
+        # feed columns [start, t): the prefill on the first step, then the one new token
+        last_logits = link.forward(decoder, work[:, start:t], start)  # [b, V/tp] on the last stage
         start = t
 
         if link.last:
@@ -276,14 +275,12 @@ def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_length
             full_logits = full_logits[:, :vocab_size]
             next_tokens = sample_tokens(full_logits, settings, generator)  # [b]
         else:
-            next_tokens = torch.empty(b, dtype=torch.long, device=tokens.device)
+            next_tokens = torch.empty(b, dtype=torch.long, device=device)
         next_tokens = link.broadcast_tokens(next_tokens)
 
-        forced = is_prompt[:, t]  # rows still inside their prompt take the prompt's token
-        generated = ~forced & ~done
-        next_tokens = torch.where(forced, tokens[:, t], next_tokens)
+        generated = ~done
         next_tokens = torch.where(done, settings.pad_token_id, next_tokens)
-        tokens[:, t] = next_tokens
+        work[:, t] = next_tokens
         lengths += generated.long()
         stop = (lengths - prompt_lengths) >= settings.max_new_tokens
         if eos is not None:
@@ -291,6 +288,10 @@ def _decode(model, link: _StageLink, tokens, positions, is_prompt, prompt_length
         done |= generated & stop
         if bool(done.all()):  # host sync; every rank holds the same tokens, so all ranks agree
             break
+    # back to the right-padded layout: row i's k-th response token goes to column prompt_length + k
+    k = torch.arange(settings.max_new_tokens, device=device)
+    rows, ks = (k.unsqueeze(0) < (lengths - prompt_lengths).unsqueeze(1)).nonzero(as_tuple=True)
+    tokens[rows, prompt_lengths[rows] + ks] = work[rows, max_len + ks]
 
 
 def decode_rollout(tokenizer, rollout: RolloutBatch):

@@ -34,6 +34,7 @@ from gil_megatron.metrics import loss_normalizer, means, metric_sum, reduce_sums
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.llama import score_at_last, split_critic_output
 from gil_megatron.models.weights import arch_of
+from gil_megatron.offload import FrozenOffload, device_offloaded
 from gil_megatron.optim import Trainable
 from gil_megatron.rollout import SamplingSettings, decode_rollout, generate
 from gil_megatron.scoring import (
@@ -71,6 +72,8 @@ class PPOTrainer:
             self.reward_fn = None
         else:
             self.reward_model, self.reward_fn = None, RewardFunction(m.reward_fn)
+        self.offload = FrozenOffload({"reference": self.reference, "reward_model": self.reward_model}, cfg.offload,
+                                     self.device)
         self.gold_fn = RewardFunction(m.gold_reward_fn) if m.gold_reward_fn else None
         self.actor_train = Trainable(self.actor, cfg.actor_optim, recompute=cfg.train.recompute)
         if self.critic is not None:
@@ -111,7 +114,8 @@ class PPOTrainer:
         est = memory.estimate(archs, tuple(n for n in ("actor", "critic") if n in paths), self.layout.tp, self.layout.pp,
                               max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-                              torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                              torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                              offloaded=device_offloaded(cfg.offload, paths))
         if distributed.is_rank0():
             print(f"[gil_megatron] layout tp={self.layout.tp} pp={self.layout.pp} dp={self.layout.dp}; "
                   f"{est.describe()}", flush=True)
@@ -128,7 +132,8 @@ class PPOTrainer:
         mbs = self.cfg.rollout.micro_batch_size
         seqs, lengths = rollout.sequences, rollout.lengths
         old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
-        ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
+        with self.offload.resident("reference"):
+            ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
         head_lengths = rollout.prompt_lengths if self.params.group_level == "prompt" else lengths
         if self.critic is not None:
@@ -137,7 +142,8 @@ class PPOTrainer:
             values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.num_groups)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
-            scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
+            with self.offload.resident("reward_model"):
+                scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
         else:
             scores = self.reward_fn.shared(prompts, responses)
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
@@ -326,8 +332,10 @@ class PPOTrainer:
         scorers = Scorers(self.tokenizer, self.pad_id, reward_model=self.reward_model, reward_fn=self.reward_fn,
                           gold_fn=self.gold_fn)
         greedy = dataclasses.replace(self.sampling, greedy=True)
-        records = evaluate_policy(self.actor, self.eval_sets, scorers, greedy, batch_size=self.cfg.rollout.batch_size,
-                                  micro_batch_size=self.cfg.rollout.micro_batch_size)
+        with self.offload.resident("reward_model"):
+            records = evaluate_policy(self.actor, self.eval_sets, scorers, greedy,
+                                      batch_size=self.cfg.rollout.batch_size,
+                                      micro_batch_size=self.cfg.rollout.micro_batch_size)
         trained_on = "reward_model" if self.reward_model is not None else "reward_fn"
         primary = primary_score(scorers.score_names)
         out = {}

@@ -66,6 +66,30 @@ def _no_cache_greedy(model, ids, prompt_lengths):
     return rows
 
 
+def _decoder_logits(model):
+    """The decode path's last-position logits, step by step after an 8-column prefill, next to the
+    training forward's logits at the same tokens: (forward [b, 5, V], decoded [b, 5, V], decoded
+    padded-vocabulary tail). Rows 1 and 2 are left-padded by 3 and 5 columns (what rollout does
+    with prompts of different lengths); the forward sees them unpadded."""
+    from gil_megatron.models.inference import KVCacheDecoder
+    from gil_megatron.models.pipeline import gather_vocab_shards
+
+    ids = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(4))
+    left_pad = torch.tensor([0, 3, 5])
+    prefill = 8
+    model.eval()
+    with torch.inference_mode():
+        decoder = KVCacheDecoder(model, batch_size=3, max_length=16, left_pad=left_pad)  # slots past 12 unused
+        padded = ids.masked_fill(torch.arange(12) < left_pad.unsqueeze(1), PAD)
+        steps = [gather_vocab_shards(decoder.step(padded[:, :prefill], 0))]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(gather_vocab_shards(decoder.step(padded[:, t:t + 1], t)))
+        forward = torch.stack([gather_vocab_shards(model(ids[i:i + 1, p:]))[0, prefill - 1 - p:]
+                               for i, p in enumerate(left_pad.tolist())])  # [b, 5, V_pad]
+    decoded = torch.stack(steps, dim=1)  # [b, 5, V_pad]
+    return forward[..., :VOCAB], decoded[..., :VOCAB], decoded[..., VOCAB:]
+
+
 def _layout(ckpt, tp, pp, eq_eos):
     from gil_megatron import distributed
     from gil_megatron.models.llama import LlamaModel
@@ -103,7 +127,7 @@ def _layout(ckpt, tp, pp, eq_eos):
     wide = torch.randint(1, VOCAB, (HOT_ROWS, 4), generator=torch.Generator().manual_seed(2))
     r["hot"] = run(wide, torch.full((HOT_ROWS,), 4), seed=9, temperature=50.0, max_new_tokens=HOT_NEW)[0]
     if pp == 1:
-        model.eval()
+        r["decoder_logits"] = _decoder_logits(model)
         with torch.no_grad():
             r["no_cache"] = _no_cache_greedy(model, var, var_lengths)
     return r
@@ -128,6 +152,8 @@ def _check_masks(batch):
 
 
 def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
+    """Also: the decode path's logits (models/inference.py) equal the training forward's at TP1 and
+    TP2 (fp32), on every rank."""
     from transformers import LlamaForCausalLM
 
     from gil_megatron.models.convert import hf_to_megatron
@@ -193,6 +219,13 @@ def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
         assert hot.sequences.max() < VOCAB and hot.response_mask.sum() == HOT_ROWS * HOT_NEW
         assert len(torch.unique(hot.sequences[hot.response_mask.bool()])) > 90  # really near-uniform
         if pp == 1:
+            for r in results:
+                forward, decoded, padded = r["decoder_logits"]
+                assert decoded.shape == forward.shape == (3, 5, VOCAB)
+                torch.testing.assert_close(decoded, forward, rtol=1e-5, atol=1e-5)
+                assert torch.isneginf(padded).all()  # the padded vocabulary stays -inf
+                assert torch.equal(decoded.argmax(-1), forward.argmax(-1))
+                assert torch.equal(decoded, first["decoder_logits"][1])  # identical on every rank
             for i, lp in enumerate(var_lengths.tolist()):
                 assert torch.equal(first["greedy_var"].sequences[i, :lp + MAX_NEW], first["no_cache"][i])
 
@@ -226,3 +259,4 @@ def test_filter_logits_top_k_top_p():
     assert draws.max() < 5
     freq = torch.bincount(draws, minlength=6).float() / 4000
     assert torch.allclose(freq[:5], torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]), atol=0.03)
+
