@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gil_megatron import faults
+from gil_megatron import collectives, faults
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.models.convert import copy_tokenizer_files
 from gil_megatron.models.weights import CheckpointError, model_state_for_save, save_shard, write_meta
@@ -101,7 +101,7 @@ def all_finite(models: Dict[str, torch.nn.Module]) -> bool:
                 ok.zero_()
                 break
     if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        collectives.all_reduce(ok, dist.group.WORLD, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
 

@@ -15,6 +15,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from gil_megatron import collectives
 from gil_megatron.config import RECOMPUTE, OptimSettings  # noqa: F401  (re-exported)
 from gil_megatron.models.pipeline import LossFn, run_microbatches
 
@@ -114,7 +115,7 @@ class Trainable:
                      if getattr(p, "main_grad", None) is not None)
         flag = torch.tensor(1.0 if finite else 0.0, device=_device())
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            collectives.all_reduce(flag, torch.distributed.group.WORLD, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
     def step(self) -> Tuple[bool, float]:

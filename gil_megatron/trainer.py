@@ -220,8 +220,7 @@ class PPOTrainer:
             c_ok, c_norm = self.critic_train.step()
         a_metrics = self.actor_train.forward_backward(microbatches, actor_loss)
         a_ok, a_norm = self.actor_train.step()
-        totals = reduce_sums(c_metrics + a_metrics, parallel_state.get_data_parallel_group(),
-                             parallel_state.get_pipeline_model_parallel_group())
+        totals = reduce_sums(c_metrics + a_metrics, dp_group, parallel_state.get_pipeline_model_parallel_group())
         metrics = means(totals)
         metrics.update({"value/grad_norm": c_norm, "policy/grad_norm": a_norm, "policy/lr": self.actor_train.lr(),
                         "skipped_updates": float((not c_ok) + (not a_ok))})

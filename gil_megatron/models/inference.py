@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from gil_megatron import collectives
 from gil_megatron.models.llama import mask_padded_vocab
 
 
@@ -80,8 +81,7 @@ class KVCacheDecoder:
         if type(module) is RowParallelLinear:  # partial sums of this rank's input shard
             out = F.linear(x, module.weight)
             if self.tp_group is not None:
-                out = out.contiguous()
-                torch.distributed.all_reduce(out, group=self.tp_group)
+                collectives.all_reduce(out, self.tp_group)
             return out if module.bias is None else out + module.bias
         return module(x)[0]  # another spec's linear (e.g. TE with the norm fused in)
 

@@ -141,8 +141,7 @@ class LlamaModel(GPTModel):
         elif post_process and role == "reward":
             self.output_layer = ScalarHead(arch.hidden_size, params_dtype)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                inference_context=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if position_ids is None:
             # sequences are right-padded and contiguous (prompt then response): positions 0..s-1
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
@@ -151,7 +150,6 @@ class LlamaModel(GPTModel):
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=None,  # causal mask inside attention; right padding needs no other
-            inference_context=inference_context,
             output_processor=self._head,
         )
 
