@@ -7,7 +7,8 @@ by ``resume=auto``, rotated by keep-last-N, and loadable at another TP / PP / DP
                                       fp32 main weights; the distributed optimizer's sharded state in
                                       megatron's fully_reshardable form) and LR scheduler
         actor/ critic/ model/         model directories (our safetensors format + tokenizer files):
-                                      what tools, evaluation, --to-hf and new runs load
+                                      what tools, evaluation, --to-hf and new runs load (with a
+                                      virtual pipeline: one stage file per chunk, pp * V stages)
         rng/tp00_pp000_dp000.json     RNG states (and per-rank trainer state) of that rank, as JSON
         trainer_state.json            iteration, layout, data cursor, controllers (rank 0)
         COMPLETE                      written last; a directory without it is never picked
@@ -16,7 +17,8 @@ All ranks write into ``.tmp-iter_N``; after a barrier rank 0 writes the state an
 fsyncs and renames. A crash at any point leaves the previous checkpoint as the latest complete one.
 
 Resuming at another layout: megatron reshards the weights and the optimizer state (each tensor is
-saved with its global shape and this rank's offsets). The RNG states belong to one rank of one
+saved with its global shape and this rank's offsets; layers under their global index, so a virtual
+pipeline's chunks save the same keys as a plain pipeline's stages). The RNG states belong to one rank of one
 layout, so they are restored only when the layout is unchanged; otherwise every rank keeps the
 seeded state of a fresh start (bit-identical continuation is then not possible, the math is the same).
 
@@ -43,7 +45,7 @@ import torch.distributed as dist
 from gil_megatron import collectives, faults
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.models.convert import copy_tokenizer_files
-from gil_megatron.models.weights import CheckpointError, model_state_for_save, save_shard, write_meta
+from gil_megatron.models.weights import CheckpointError, model_dir_stages, save_model_weights, write_meta
 
 CKPT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -136,9 +138,9 @@ def save_checkpoint(run_dir: str, iteration: int, layout: ParallelLayout, models
     _barrier()
     if layout.dp_rank == 0:
         for name, model in models.items():
-            save_shard(os.path.join(tmp, name), layout.tp_rank, layout.pp_rank, model_state_for_save(model))
-            if layout.tp_rank == 0 and layout.pp_rank == 0:
-                write_meta(os.path.join(tmp, name), model.arch, model.role, layout.tp, layout.pp,
+            save_model_weights(model, os.path.join(tmp, name), layout.tp_rank, layout.pp_rank)
+            if layout.tp_rank == 0 and layout.pp_rank == 0:  # a virtual pipeline's chunks are stages here
+                write_meta(os.path.join(tmp, name), model.arch, model.role, layout.tp, model_dir_stages(model),
                            source=f"training checkpoint, iteration {iteration}")
                 if tokenizer_dir:
                     copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, name))
@@ -152,7 +154,8 @@ def save_checkpoint(run_dir: str, iteration: int, layout: ParallelLayout, models
     if _rank() == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"iteration": iteration, "format": FORMAT,
-                       "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}, **trainer_state}, f, indent=2)
+                       "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vp": layout.vp},
+                       **trainer_state}, f, indent=2)
         for dirpath, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(dirpath, name), "rb") as fh:
@@ -195,7 +198,8 @@ def load_checkpoint(path: str, layout: ParallelLayout, trainables: Dict[str, obj
     for name, trainable in trainables.items():
         trainable.load_sharded(loaded[name], prefix=f"{name}.")
     saved = state["layout"]
-    state["same_layout"] = (saved["tp"], saved["pp"], saved["dp"]) == (layout.tp, layout.pp, layout.dp)
+    state["same_layout"] = ((saved["tp"], saved["pp"], saved["dp"], saved.get("vp", 1))
+                            == (layout.tp, layout.pp, layout.dp, layout.vp))
     state["rank_state"] = None
     if state["same_layout"]:
         rng_path = os.path.join(path, "rng", _rank_file(layout))

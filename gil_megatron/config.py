@@ -68,10 +68,18 @@ class ParallelConfig:
     """Tensor-parallel size: divides attention heads, KV heads and the FFN size."""
     pp: int = 1
     """Pipeline-parallel size: divides the number of layers. dp = world / (tp * pp)."""
+    virtual_pp: int = 1
+    """Model chunks per pipeline rank (megatron's interleaved 1F1B schedule): chunk v of pipeline
+    rank r holds virtual stage v * pp + r, so the pipeline bubble shrinks by this factor for more
+    point-to-point traffic. Needs pp > 1 and num_layers divisible by pp * virtual_pp."""
 
     def validate(self):
         _require(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
         _require(self.pp >= 1, f"parallel.pp={self.pp} must be >= 1")
+        _require(self.virtual_pp >= 1, f"parallel.virtual_pp={self.virtual_pp} must be >= 1 (1 = no interleaving)")
+        _require(self.virtual_pp == 1 or self.pp > 1,
+                 f"parallel.virtual_pp={self.virtual_pp} interleaves pipeline stages and needs parallel.pp > 1; "
+                 f"set parallel.pp >= 2 or parallel.virtual_pp=1")
 
 
 @dataclass

@@ -26,6 +26,7 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    vp: int = 1  # model chunks per pipeline rank (parallel.virtual_pp)
 
     @property
     def is_first_stage(self) -> bool:
@@ -52,13 +53,17 @@ def check_layout(world_size: int, tp: int, pp: int) -> None:
         )
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> ParallelLayout:
-    """Initialise the process group and megatron's model-parallel groups; seed every rank."""
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30,
+               virtual_pp: int = 1) -> ParallelLayout:
+    """Initialise the process group and megatron's model-parallel groups; seed every rank.
+    ``virtual_pp`` > 1: every pipeline rank holds that many model chunks (interleaved schedule)."""
     from megatron.core import parallel_state, tensor_parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_layout(world_size, tp, pp)
+    if virtual_pp < 1 or (virtual_pp > 1 and pp < 2):
+        raise ValueError(f"parallel.virtual_pp={virtual_pp} needs parallel.pp >= 2 (or set parallel.virtual_pp=1)")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
@@ -74,7 +79,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     if parallel_state.model_parallel_is_initialized():  # switching layouts in one process (tests)
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pp if virtual_pp > 1 else None,
     )
     seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -104,6 +110,7 @@ def current_layout() -> ParallelLayout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        vp=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     )
 
 

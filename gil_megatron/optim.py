@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from gil_megatron import collectives
 from gil_megatron.config import RECOMPUTE, OptimSettings  # noqa: F401  (re-exported)
+from gil_megatron.models.chunks import model_chunks
 from gil_megatron.models.pipeline import LossFn, run_microbatches
 
 
@@ -50,20 +51,24 @@ def set_recompute(model: torch.nn.Module, mode: str) -> None:
     checkpoint). The math is unchanged; memory drops for extra forward compute."""
     if mode not in RECOMPUTE:
         raise ValueError(f"train.recompute={mode!r}; valid: {', '.join(RECOMPUTE)}")
-    config = model.config
-    config.recompute_granularity = None if mode == "none" else mode
-    config.recompute_method = "uniform" if mode == "full" else None
-    config.recompute_num_layers = 1 if mode == "full" else None
-    if mode == "selective":
-        config.recompute_modules = ["core_attn"]
-    for module in model.modules():  # attention decides this at construction; the model already exists
-        if hasattr(module, "checkpoint_core_attention"):
-            module.checkpoint_core_attention = mode == "selective"
+    for chunk in model_chunks(model):
+        config = chunk.config
+        config.recompute_granularity = None if mode == "none" else mode
+        config.recompute_method = "uniform" if mode == "full" else None
+        config.recompute_num_layers = 1 if mode == "full" else None
+        if mode == "selective":
+            config.recompute_modules = ["core_attn"]
+        for module in chunk.modules():  # attention decides this at construction; the model already exists
+            if hasattr(module, "checkpoint_core_attention"):
+                module.checkpoint_core_attention = mode == "selective"
 
 
 class Trainable:
     """A model wrapped for training: megatron DDP, optimizer, LR scheduler (and the model's
-    activation recomputation, ``recompute``: none | selective | full)."""
+    activation recomputation, ``recompute``: none | selective | full).
+
+    A model of several chunks (a virtual pipeline, models/chunks.py) gets one DDP per chunk, as
+    Megatron-LM does (bucketing only on the first), and one optimizer over all of them."""
 
     def __init__(self, model: torch.nn.Module, settings: OptimSettings, recompute: str = "none"):
         set_recompute(model, recompute)
@@ -79,16 +84,22 @@ class Trainable:
             use_distributed_optimizer=sharded,
             check_for_nan_in_grad=False,  # our own guard counts and skips instead of raising
         )
-        self.model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        self.chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                               disable_bucketing=index > 0)
+                       for index, chunk in enumerate(model_chunks(model))]
+        # what run_microbatches takes: the one DDP module, or the list of them
+        self.model = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
+        self._module = model
         config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = self.model.no_sync
+        no_sync = [chunk.no_sync for chunk in self.chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         opt_config = OptimizerConfig(
             optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
             adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
             clip_grad=settings.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=sharded,
         )
-        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.optimizer = get_megatron_optimizer(opt_config, self.chunks)
         steps = max(settings.warmup_steps + settings.decay_steps, 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr,
@@ -101,17 +112,19 @@ class Trainable:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.model.module
+        """The unwrapped model: a LlamaModel, or its ModelChunks."""
+        return self._module
 
     def forward_backward(self, microbatches: Sequence[Dict[str, torch.Tensor]], loss_fn: LossFn) -> List[Dict]:
         """Accumulate gradients of the mini-batch objective over its micro-batches."""
-        self.model.zero_grad_buffer()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         return run_microbatches(self.model, microbatches, loss_fn)
 
     def grads_finite(self) -> bool:
         """All ranks agree whether every accumulated gradient is finite (one all-reduce)."""
-        finite = all(bool(torch.isfinite(p.main_grad).all()) for p in self.model.module.parameters()
+        finite = all(bool(torch.isfinite(p.main_grad).all()) for p in self._module.parameters()
                      if getattr(p, "main_grad", None) is not None)
         flag = torch.tensor(1.0 if finite else 0.0, device=_device())
         if torch.distributed.is_initialized():
@@ -138,7 +151,7 @@ class Trainable:
         its global shape and this rank's offsets, so any TP / PP / DP layout can load it; the
         distributed optimizer uses megatron's ``fully_reshardable`` form for the same reason."""
         self._ensure_optimizer_state()
-        model_sd = _without_objects(_model_sharded_state_dict(self.module, prefix + "model."))
+        model_sd = _without_objects(_chunks_sharded_state_dict(self._module, prefix + "model."))
         optim_sd = self.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         return {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict()}
@@ -162,7 +175,10 @@ class Trainable:
         from gil_megatron.models.weights import load_into_model
 
         model_prefix = prefix + "model."
-        load_into_model(self.module, {k[len(model_prefix):]: v for k, v in loaded["model"].items()})
+        chunks = model_chunks(self._module)
+        per_chunk = [loaded["model"]] if len(chunks) == 1 else [loaded["model"][_chunk_key(v)] for v in range(len(chunks))]
+        for chunk, tensors in zip(chunks, per_chunk):
+            load_into_model(chunk, {k[len(model_prefix):]: v for k, v in tensors.items()})
         self.reload_model_params()
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
@@ -178,6 +194,21 @@ class Trainable:
         """After weights are copied into the model, refresh the optimizer's fp32 main copy from them
         (mixed precision: otherwise the next step would continue from the old main weights)."""
         self.optimizer.reload_model_params()
+
+
+def _chunk_key(vp_stage: int) -> str:
+    return f"chunk{vp_stage}"
+
+
+def _chunks_sharded_state_dict(model: torch.nn.Module, prefix: str) -> dict:
+    """A model's sharded state dict; with several chunks one sub-dict per chunk (their local names
+    repeat). The tensors' checkpoint keys are the same either way: megatron names every layer by
+    its global index (TransformerBlock.sharded_state_dict uses get_transformer_layer_offset), so a
+    checkpoint loads at any pipeline / virtual-pipeline layout."""
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return _model_sharded_state_dict(chunks[0], prefix)
+    return {_chunk_key(v): _model_sharded_state_dict(chunk, prefix) for v, chunk in enumerate(chunks)}
 
 
 def _model_sharded_state_dict(model: torch.nn.Module, prefix: str) -> dict:
@@ -212,7 +243,10 @@ def _without_objects(sharded: dict) -> dict:
 
 
 def main_grads(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Name -> accumulated gradient (megatron's main_grad) of every parameter of a DDP module."""
+    """Name -> accumulated gradient (megatron's main_grad) of every parameter of a DDP module (of
+    a list of DDP chunks: names prefixed by the chunk index, ``0.decoder...``)."""
+    if isinstance(model, torch.nn.ModuleList):
+        return {f"{v}.{name}": g for v, chunk in enumerate(model) for name, g in main_grads(chunk).items()}
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     return {name: p.main_grad.detach().clone() for name, p in inner.named_parameters()
             if getattr(p, "main_grad", None) is not None}

@@ -39,18 +39,21 @@ state is copied from the last stage so it agrees on every rank afterwards.
 
 Pipeline parallelism: each step runs the stages one after another; stage k receives the hidden
 states [b, s_step, h] from stage k-1 (``torch.distributed.recv`` on the pipeline group) and sends
-its output to stage k+1. There is no micro-batching across stages: simple and exact, with idle
-stages (a rollout engine would interleave micro-batches).
+its output to stage k+1. With a virtual pipeline the stages are the chunks in virtual-stage order
+(rank 0 chunk 0, rank 1 chunk 0, ..., rank 0 chunk 1, ...), one KV-cache decoder per chunk.
+There is no micro-batching across stages: simple and exact, with idle stages (a rollout engine
+would interleave micro-batches).
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from gil_megatron import collectives
+from gil_megatron.models.chunks import model_chunks
 from gil_megatron.models.inference import KVCacheDecoder
 
 
@@ -141,34 +144,39 @@ def sample_tokens(logits: torch.Tensor, settings: SamplingSettings,
 
 # ---- one forward step through the pipeline -----------------------------------------------------
 class _StageLink:
-    """This rank's place in the pipeline and the point-to-point moves of one decode step."""
+    """This rank's place in the pipeline and the point-to-point moves of one decode step. With a
+    virtual pipeline the rank holds several chunks and a step visits the virtual stages in order:
+    rank 0 chunk 0, rank 1 chunk 0, ..., rank pp-1 chunk 0, rank 0 chunk 1, ... (models/chunks.py),
+    so the hidden states go round the pipeline ring V times."""
 
     def __init__(self, model: torch.nn.Module):
         self.pp = parallel_state.get_pipeline_model_parallel_world_size()
-        self.first = parallel_state.is_pipeline_first_stage()
-        self.last = parallel_state.is_pipeline_last_stage()
-        config = model.config
+        self.chunks = len(model_chunks(model))
+        self.first = parallel_state.is_pipeline_first_stage()  # holds the embedding (in chunk 0)
+        self.last = parallel_state.is_pipeline_last_stage()  # holds the head (in the last chunk)
+        config = model_chunks(model)[0].config
         self.hidden_size = config.hidden_size
         self.dtype = config.pipeline_dtype or config.params_dtype
         if self.pp > 1:
             self.group = parallel_state.get_pipeline_model_parallel_group()
-            self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
+            self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()  # a ring: rank 0's is pp-1
             self.next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
             self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
 
-    def forward(self, decoder: KVCacheDecoder, input_ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
-        """input_ids [b, s_step] at positions start.. -> the last position's vocab-parallel logits
-        [b, V/tp] on the last stage, None elsewhere."""
-        hidden = None
-        if not self.first:
-            hidden = torch.empty(input_ids.shape[0], input_ids.shape[1], self.hidden_size,
-                                 dtype=self.dtype, device=input_ids.device)  # [b, s, h]
-            dist.recv(hidden, src=self.prev_rank, group=self.group)
-        output = decoder.step(input_ids, start, hidden)
-        if not self.last:
+    def forward(self, decoders: List[KVCacheDecoder], input_ids: torch.Tensor, start: int) -> Optional[torch.Tensor]:
+        """input_ids [b, s_step] at positions start.. through this rank's chunk decoders -> the last
+        position's vocab-parallel logits [b, V/tp] on the last stage, None elsewhere."""
+        for v, decoder in enumerate(decoders):
+            hidden = None
+            if not (self.first and v == 0):
+                hidden = torch.empty(input_ids.shape[0], input_ids.shape[1], self.hidden_size,
+                                     dtype=self.dtype, device=input_ids.device)  # [b, s, h]
+                dist.recv(hidden, src=self.prev_rank, group=self.group)
+            output = decoder.step(input_ids, start, hidden)
+            if self.last and v == self.chunks - 1:
+                return output  # [b, V/tp]
             dist.send(output.contiguous(), dst=self.next_rank, group=self.group)
-            return None
-        return output  # [b, V/tp]
+        return None
 
     def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pp > 1:
@@ -262,11 +270,12 @@ def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: 
     work[:, :max_len] = torch.where(source >= 0, tokens[:, :max_len].gather(1, source.clamp(min=0)),
                                     settings.pad_token_id)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    decoder = KVCacheDecoder(model, batch_size=b, max_length=width, left_pad=left_pad)
+    decoders = [KVCacheDecoder(chunk, batch_size=b, max_length=width, left_pad=left_pad)
+                for chunk in model_chunks(model)]
     start = 0
     for t in range(max_len, width):
         # feed columns [start, t): the prefill on the first step, then the one new token
-        last_logits = link.forward(decoder, work[:, start:t], start)  # [b, V/tp] on the last stage
+        last_logits = link.forward(decoders, work[:, start:t], start)  # [b, V/tp] on the last stage
         start = t
 
         if link.last:

@@ -49,7 +49,8 @@ NORMALIZED_CRITIC_METRICS = ("value/loss",)
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
-        self.layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+        self.layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed,
+                                             virtual_pp=cfg.parallel.virtual_pp)
         # models and their inputs live on the device; the per-sample bookkeeping stays on the CPU
         self.device = distributed.device()
         self.dp = cfg.check_world(dist.get_world_size())

@@ -6,6 +6,8 @@ tiny model:
   uninterrupted run bit for bit;
 - loading never runs pickled code: every pickle-bearing file replaced by a code-running pickle is
   refused with one line;
+- a checkpoint saved with a virtual pipeline (PP2, two chunks per rank) resumes bit-identically and
+  at plain PP2;
 - bf16 parameters with fp32 main weights at DP2: megatron's DistributedOptimizer takes the plain
   mixed-precision optimizer's steps, and its checkpoint resumes exactly (slow).
 """
@@ -97,13 +99,13 @@ def _resumes(root: str, out: str, saved_layout, layouts, straight: bool, *extra)
 STEP_KEYS = ("train/loss", "train/tokens", "optim/grad_norm", "optim/lr")
 
 
-def _check_resumes(out, names, exact_to=None, rtol=1e-5, atol=1e-6):
-    """Step 3 of each resumed run vs the same-layout resume ``tp2``: metrics and final weights."""
-    ref_m, ref_w = _metrics(os.path.join(out, "tp2"))[-1], _weights(os.path.join(out, "tp2", "model"))
+def _check_resumes(out, names, exact_to=None, rtol=1e-5, atol=1e-6, same="tp2"):
+    """Step 3 of each resumed run vs the same-layout resume ``same``: metrics and final weights."""
+    ref_m, ref_w = _metrics(os.path.join(out, same))[-1], _weights(os.path.join(out, same, "model"))
     assert ref_m["iteration"] == 3
     from gil_megatron.checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(os.path.join(out, "tp2"))
+    ckpt = latest_checkpoint(os.path.join(out, same))
     assert os.path.isfile(os.path.join(ckpt, "model", "tokenizer.json"))  # the checkpoint's model travels
     for name in names:
         m, w = _metrics(os.path.join(out, name))[-1], _weights(os.path.join(out, name, "model"))
@@ -115,7 +117,7 @@ def _check_resumes(out, names, exact_to=None, rtol=1e-5, atol=1e-6):
             torch.testing.assert_close(w[t], ref_w[t], rtol=rtol, atol=atol, msg=f"{name}: {t}")
     if exact_to is not None:  # same layout: bit for bit the uninterrupted run
         straight = [{k: m[k] for k in STEP_KEYS} for m in _metrics(os.path.join(out, exact_to))]
-        resumed = [{k: m[k] for k in STEP_KEYS} for m in _metrics(os.path.join(out, "tp2"))]
+        resumed = [{k: m[k] for k in STEP_KEYS} for m in _metrics(os.path.join(out, same))]
         assert straight == resumed
         ws = _weights(os.path.join(out, exact_to, "model"))
         assert all(torch.equal(ws[t], ref_w[t]) for t in ws)
@@ -127,6 +129,23 @@ def test_resume_at_another_layout(sft_data, tmp_path):
           {"tp2": ["parallel.tp=2"], "dp2": ["parallel.tp=1"], "pp2": ["parallel.pp=2"]}, True)
     spawn(_resumes, 1, str(sft_data), out, None, {"tp1": []}, False)
     _check_resumes(out, ["tp1", "dp2", "pp2"], exact_to="straight")
+
+
+def test_virtual_pipeline_resumes_exactly_and_at_plain_layouts(sft_data, tmp_path):
+    """Saved at PP2 with two chunks per rank (4 layers): resuming there is bit-identical to an
+    uninterrupted run; resuming at plain PP2 takes the same third step (megatron keys every layer
+    by its global index, so the chunks' checkpoint is the plain pipeline's)."""
+    out = str(tmp_path)
+    init = os.path.join(out, "init4")
+    tiny4 = [a if a != "2" or TINY[i - 1] != "--num-layers" else "4" for i, a in enumerate(TINY)]
+    _tool("init_model").main(["--save-dir", init, "--tokenizer", str(sft_data / "data" / "tokenizer"), *tiny4])
+    vp = ["parallel.pp=2", "parallel.virtual_pp=2"]
+    spawn(_resumes, 2, str(sft_data), out, vp, {"vp2": vp, "pp2": ["parallel.pp=2"]}, True,
+          f"init={init}")
+    from gil_megatron.models.weights import arch_of
+
+    assert arch_of(os.path.join(out, "vp2", "model"))[3] == 4  # one stage file per chunk
+    _check_resumes(out, ["pp2"], exact_to="straight", same="vp2")
 
 
 # ---- loading never unpickles arbitrary objects -------------------------------------------------

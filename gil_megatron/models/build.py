@@ -7,7 +7,8 @@ import torch
 
 from gil_megatron.distributed import ParallelLayout
 from gil_megatron.models.config import LlamaArchConfig
-from gil_megatron.models.llama import LlamaModel
+from gil_megatron.models.chunks import ModelChunks
+from gil_megatron.models.llama import LlamaModel, transformer_config
 from gil_megatron.models.weights import CheckpointError, arch_of, load_model_weights
 
 
@@ -18,16 +19,22 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def model_from_checkpoint(ckpt_dir: str, role: str, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
-                          num_groups: Optional[int] = None, trainable: bool = True) -> LlamaModel:
+                          num_groups: Optional[int] = None, trainable: bool = True) -> torch.nn.Module:
     """A ``role`` model whose trunk (and head, when the checkpoint has a matching one) comes from
-    ``ckpt_dir``. A critic may start from a reward model or an LM: missing heads start fresh."""
+    ``ckpt_dir``. A critic may start from a reward model or an LM: missing heads start fresh.
+    Returns a LlamaModel, or with a virtual pipeline (layout.vp > 1) this rank's ModelChunks."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     arch, _, _, _ = arch_of(ckpt_dir)
     if num_groups is not None:
         arch.num_groups = num_groups
     arch.check_layout(layout.tp, layout.pp)
-    model = LlamaModel(arch, role, params_dtype=dtype)
+    if layout.vp == 1:
+        model = LlamaModel(arch, role, params_dtype=dtype)
+    else:  # one shared TransformerConfig: megatron's schedule reads chunk 0's
+        config = transformer_config(arch, dtype)
+        model = ModelChunks([LlamaModel(arch, role, params_dtype=dtype, vp_stage=v, config=config)
+                             for v in range(layout.vp)])
     if torch.cuda.is_available():
         model.cuda()
     load_model_weights(model, ckpt_dir, layout.tp_rank, layout.tp, layout.pp_rank, layout.pp)

@@ -19,7 +19,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from gil_megatron.models.config import ROLES, LlamaArchConfig
+from gil_megatron.models.config import ROLES, LayoutError, LlamaArchConfig
 
 try:  # optional GPU accelerator; never required
     import transformer_engine  # noqa: F401
@@ -33,7 +33,11 @@ except Exception:  # ImportError, or a TE build that does not match this torch
 def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()  # None: no interleaving
     arch.check_layout(tp, pp)
+    if vp is not None and arch.num_layers % (pp * vp):
+        raise LayoutError(f"num_layers={arch.num_layers} is not divisible by parallel.pp * parallel.virtual_pp = "
+                          f"{pp}*{vp}; choose a parallel.virtual_pp that divides num_layers / pp")
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -52,6 +56,7 @@ def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -68,8 +73,15 @@ def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         # Batches of different sequence length go through one pipeline; megatron needs the
-        # all-to-all dispatcher setting for that even in a dense model.
-        variable_seq_lengths=pp > 1,
+        # all-to-all dispatcher setting for that even in a dense model. The interleaved schedule
+        # gets fixed shapes instead (models/pipeline.py pads micro-batches): its shape exchange
+        # is batched on the pipeline group, and at pp = 2 (previous rank = next rank) the
+        # forward and backward shapes sent to one peer are received in each other's place.
+        variable_seq_lengths=pp > 1 and vp is None,
+        # interleaved: per-direction p2p (Megatron-LM's default there); at pp = 2 it keeps the two
+        # directions to one peer on separate process groups (p2p_communication._p2p_ops)
+        overlap_p2p_comm=vp is not None,
+        batch_p2p_comm=vp is None,
         moe_token_dispatcher_type="alltoall",
         deallocate_pipeline_outputs=False,
     )
@@ -103,18 +115,23 @@ class ScalarHead(torch.nn.Module):
 
 class LlamaModel(GPTModel):
     """GPTModel with a role. forward(input_ids, position_ids=None) -> [b, s, ...] on the last
-    stage, hidden states [s, b, h] on the others (megatron's pipeline contract)."""
+    stage, hidden states [s, b, h] on the others (megatron's pipeline contract).
+
+    With a virtual pipeline (parallel.virtual_pp > 1) one LlamaModel is one model chunk: ``vp_stage``
+    v of this pipeline rank r, holding the layers of virtual stage v * pp + r (megatron's own layer
+    offsets); the chunks of one rank share one ``config`` (the schedule reads chunk 0's)."""
 
     def __init__(self, arch: LlamaArchConfig, role: str, params_dtype: torch.dtype = torch.float32,
-                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
+                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                 vp_stage: Optional[int] = None, config: Optional[TransformerConfig] = None):
         if role not in ROLES:
             raise ValueError(f"unknown model role {role!r}; valid: {list(ROLES)}")
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if pre_process is None:
-            pre_process = parallel_state.is_pipeline_first_stage()
+            pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         if post_process is None:
-            post_process = parallel_state.is_pipeline_last_stage()
-        config = transformer_config(arch, params_dtype)
+            post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        config = config or transformer_config(arch, params_dtype)
         spec = (get_gpt_layer_with_transformer_engine_spec() if HAVE_TE and torch.cuda.is_available()
                 else get_gpt_layer_local_spec(normalization="RMSNorm"))
         tied = arch.tie_word_embeddings and role == "actor"
@@ -129,6 +146,7 @@ class LlamaModel(GPTModel):
             share_embeddings_and_output_weights=tied,
             position_embedding_type="rope",
             rotary_base=arch.rope_theta,
+            vp_stage=vp_stage,
             **rope_scaling_kwargs(arch),
         )
         _apply_llama3_band_limits(self, arch)

@@ -7,6 +7,11 @@ Our directory (written atomically: a temporary sibling directory, then one renam
 
 A rank whose layout equals the directory's reads its own file. Any other layout is resharded on
 load: the stage's TP shards are merged to HF tensors and re-split (exact, just slower).
+
+Virtual pipeline (models/chunks.py): a model chunk is one stage of a plain pipeline of pp * V
+stages. A run with virtual_pp = V writes its model directory as exactly that (pp * V stage files,
+``pp`` = pp * V in gil_megatron.json), so it loads directly at the same layout and reshards like
+any other directory elsewhere.
 """
 
 import json
@@ -20,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gil_megatron.models import hf_mapping
+from gil_megatron.models.chunks import model_chunks, stage_of_chunk
 from gil_megatron.models.config import ROLES, LlamaArchConfig
 
 META_FILE = "gil_megatron.json"
@@ -218,34 +224,47 @@ def model_state_for_save(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_model_weights(model: torch.nn.Module, ckpt_dir: str, tp_rank: int, tp: int, pp_rank: int, pp: int) -> None:
-    """Load this rank's weights from a checkpoint of any layout (resharding when it differs).
+    """Load this rank's weights (every chunk of ``model``) from a checkpoint of any layout,
+    resharding when it differs.
 
     The model's role may differ from the checkpoint's: a critic starts from a reward model (its
     score row seeds the value head, group rows start fresh) or from an LM (fresh head); a reward
     model starts from an LM (fresh head)."""
     arch, role, ck_tp, ck_pp = arch_of(ckpt_dir)
-    target = model.role
-    if (ck_tp, ck_pp) == (tp, pp) and role == target:
-        load_into_model(model, load_shard(ckpt_dir, tp_rank, pp_rank))
+    chunks = model_chunks(model)
+    stages = [stage_of_chunk(chunk, pp_rank) for chunk in chunks]  # [(stage, stages)]
+    target = chunks[0].role
+    if (ck_tp, ck_pp) == (tp, stages[0][1]) and role == target:
+        for chunk, (stage, _) in zip(chunks, stages):
+            load_into_model(chunk, load_shard(ckpt_dir, tp_rank, stage))
         return
     if target == "actor" and role != "actor":
         raise CheckpointError(f"{ckpt_dir} holds a {role} model (no LM head); an actor needs a causal-LM checkpoint")
     reader = CheckpointReader(ckpt_dir)
     read, has = reader, (lambda name: role == target)
     if target == "critic" and role == "reward":
-        head = hf_mapping.fresh_score_head(model.arch, target, seed=0)
+        head = hf_mapping.fresh_score_head(chunks[0].arch, target, seed=0)
         head[0] = reader("score.weight")[0]
         read, has = (lambda name: head if name == "score.weight" else reader(name)), (lambda name: True)
-    load_into_model(model, state_for_rank(model.arch, target, read, tp_rank, tp, pp_rank, pp, has=has))
+    for chunk, (stage, n_stages) in zip(chunks, stages):
+        load_into_model(chunk, state_for_rank(chunk.arch, target, read, tp_rank, tp, stage, n_stages, has=has))
 
 
 def save_model_weights(model: torch.nn.Module, out_dir: str, tp_rank: int, pp_rank: int) -> None:
-    """Write this rank's shard into ``out_dir`` (a directory the caller makes atomic)."""
-    save_shard(out_dir, tp_rank, pp_rank, model_state_for_save(model))
+    """Write this rank's shards (one per chunk, named by its stage; ``model_dir_stages``) into
+    ``out_dir`` (a directory the caller makes atomic)."""
+    for chunk in model_chunks(model):
+        save_shard(out_dir, tp_rank, stage_of_chunk(chunk, pp_rank)[0], model_state_for_save(chunk))
+
+
+def model_dir_stages(model: torch.nn.Module) -> int:
+    """The ``pp`` that save_model_weights' directory declares: pipeline size x chunks per rank."""
+    chunk = model_chunks(model)[0]
+    return stage_of_chunk(chunk, 0)[1]
 
 
 __all__ = [
     "CheckpointError", "HFReader", "CheckpointReader", "ROLES", "read_meta", "arch_of", "write_meta",
     "save_shard", "load_shard", "hf_tensors_of_stage", "atomic_directory", "state_for_rank", "load_into_model",
-    "load_model_weights", "save_model_weights", "hf_tensors_of_checkpoint", "shard_file",
+    "load_model_weights", "save_model_weights", "model_dir_stages", "hf_tensors_of_checkpoint", "shard_file",
 ]

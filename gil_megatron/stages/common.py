@@ -49,7 +49,7 @@ from gil_megatron.metrics import Sums, Totals, loss_normalizer, metric_sum, rati
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.convert import copy_tokenizer_files  # the one list of tokenizer files
 from gil_megatron.models.pipeline import run_microbatches
-from gil_megatron.models.weights import CheckpointError, model_state_for_save, save_shard, write_meta
+from gil_megatron.models.weights import CheckpointError, model_dir_stages, save_model_weights, write_meta
 from gil_megatron.optim import Trainable
 
 MODEL_KEY = "model"  # the trained model's name inside training checkpoints
@@ -274,10 +274,10 @@ def save_model_dir(out_dir: str, layout: ParallelLayout, model, tokenizer_dir: s
         os.makedirs(tmp)
     _barrier()
     if layout.dp_rank == 0:
-        save_shard(tmp, layout.tp_rank, layout.pp_rank, model_state_for_save(model))
+        save_model_weights(model, tmp, layout.tp_rank, layout.pp_rank)
     _barrier()
     if distributed.is_rank0():
-        write_meta(tmp, model.arch, model.role, layout.tp, layout.pp, source=source)
+        write_meta(tmp, model.arch, model.role, layout.tp, model_dir_stages(model), source=source)
         copy_tokenizer_files(tokenizer_dir, tmp)
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as fh:
@@ -345,7 +345,7 @@ def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
     eval_set = stage.load_dataset(cfg.data.eval) if cfg.data.eval else None
     stage.set_groups(train_set, eval_set)
 
-    layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.seed)
+    layout = distributed.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.seed, virtual_pp=cfg.parallel.virtual_pp)
     cfg.train.check_world(layout.dp)
     if eval_set is not None and cfg.train.eval_batch_size % layout.dp:
         raise ConfigError(f"train.eval_batch_size={cfg.train.eval_batch_size} must be divisible by "

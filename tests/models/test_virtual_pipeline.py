@@ -1,0 +1,185 @@
+"""parallel.virtual_pp (megatron's interleaved 1F1B, models/chunks.py): at PP2 with two chunks per
+rank (4 layers) the logits, scoring log-probs, greedy rollout, losses, gradients and weights after
+two optimizer steps equal the plain PP2 schedule's and the single-rank result (fp32), including
+micro-batch counts the interleaved schedule cannot run unpadded; the model directory it writes
+(one stage file per chunk) converts back to the original HF tensors."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dist_utils import spawn
+
+VOCAB = 100
+LAYERS = 4
+# (pp, virtual_pp) visited by one 2-rank group; pp=1 runs data-parallel on the same batch
+LAYOUTS = [(1, 1), (2, 1), (2, 2)]
+
+
+def make_hf(path: str) -> str:
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, rope_theta=500.0, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).float().save_pretrained(path)
+    return path
+
+
+def _hf_named(chunks, state_of, pp_rank):
+    """HF-named tensors of this rank's chunks (TP1), each chunk mapped as its stage of pp * V."""
+    from gil_megatron.models.chunks import stage_of_chunk
+    from gil_megatron.models.hf_mapping import hf_from_megatron_stage
+
+    out = {}
+    for chunk in chunks:
+        stage, stages = stage_of_chunk(chunk, pp_rank)
+        out.update(dict(hf_from_megatron_stage(chunk.arch, "actor", {0: state_of(chunk)}, stage, stages)))
+    return out
+
+
+def _layout(ckpt: str, pp: int, vp: int, out_dir: str):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from gil_megatron import distributed
+    from gil_megatron.models.build import model_from_checkpoint
+    from gil_megatron.models.chunks import model_chunks
+    from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
+    from gil_megatron.models.weights import model_dir_stages, model_state_for_save, save_model_weights, write_meta
+    from gil_megatron.optim import OptimSettings, Trainable, main_grads
+    from gil_megatron.rollout import SamplingSettings, generate
+    from gil_megatron.scoring import score_logprobs
+
+    layout = distributed.initialize(1, pp, seed=1, virtual_pp=vp)
+    assert layout.vp == vp
+    model = model_from_checkpoint(ckpt, "actor", layout)
+    chunks = model_chunks(model)
+    assert len(chunks) == vp
+    ids = torch.randint(0, VOCAB, (6, 10), generator=torch.Generator().manual_seed(0))
+    r = {"rank": (layout.pp_rank, layout.dp_rank)}
+
+    with torch.no_grad():  # one micro-batch: fewer than pp, the interleaved schedule is padded
+        outs = run_microbatches(model, [{"input_ids": ids}], forward_only=True)
+        logits = gather_vocab_shards(outs[0]["output"]) if outs else None
+        (r["logits"],) = broadcast_from_last_stage([logits] if outs else None)
+    r["logprobs"] = score_logprobs(model, ids, micro_batch_size=2)[0]  # 3 micro-batches: padded to 4
+    prompts = ids[:4, :5]
+    lengths = torch.tensor([5, 3, 4, 5])
+    greedy = SamplingSettings(max_new_tokens=6, greedy=True, pad_token_id=0)
+    r["greedy"] = generate(model, prompts, lengths, greedy).sequences
+    r["sampled"] = generate(model, prompts, lengths, SamplingSettings(max_new_tokens=6, temperature=0.8),
+                            torch.Generator().manual_seed(3)).sequences
+
+    if vp > 1 and layout.dp_rank == 0:  # the model directory a run with chunks writes
+        save_model_weights(model, out_dir, layout.tp_rank, layout.pp_rank)
+        if layout.pp_rank == 0:
+            write_meta(out_dir, model.arch, model.role, 1, model_dir_stages(model))
+
+    trainable = Trainable(model, OptimSettings(lr=1e-2, clip_grad=0.0))
+    n_tokens = ids[:, 1:].numel()
+
+    def lm_loss(mb, logits):
+        per_token = vocab_parallel_cross_entropy(logits[:, :-1].contiguous(), mb["input_ids"][:, 1:])
+        loss = per_token.sum() / n_tokens
+        return loss, {"loss": loss.detach()}
+
+    losses = []
+    for step, sizes in enumerate(((2, 2, 2), (3, 3))):  # 3 micro-batches (padded under vp), then 2
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        mbs = [{"input_ids": ids[s:s + n]} for s, n in zip(starts, sizes)]
+        metrics = trainable.forward_backward(mbs, lm_loss)
+        loss = torch.stack([m["loss"] for m in metrics]).sum() if metrics else None
+        assert not metrics or len(metrics) == len(mbs)
+        (loss,) = broadcast_from_last_stage([loss] if loss is not None else None)
+        losses.append(loss)
+        if step == 0:
+            grads = {id(c.module): main_grads(c) for c in trainable.chunks}
+            r["grads"] = _hf_named(chunks, lambda c: grads[id(c)], layout.pp_rank)
+        updated, _ = trainable.step()
+        assert updated
+    r["losses"] = torch.stack(losses)
+    r["weights"] = _hf_named(chunks, model_state_for_save, layout.pp_rank)
+    return r
+
+
+def _indivisible(ckpt):
+    from gil_megatron import distributed
+    from gil_megatron.models.build import model_from_checkpoint
+    from gil_megatron.models.config import LayoutError
+
+    layout = distributed.initialize(1, 2, virtual_pp=4)  # 4 layers cannot make 2 * 4 chunks of whole layers
+    try:
+        model_from_checkpoint(ckpt, "actor", layout)
+    except LayoutError as exc:
+        return str(exc)
+    return None
+
+
+def _all_layouts(ckpt, out_dir):
+    results = {(pp, vp): _layout(ckpt, pp, vp, out_dir) for pp, vp in LAYOUTS}
+    results["indivisible"] = _indivisible(ckpt)
+    return results
+
+
+def _union(results, key):
+    merged = {}
+    for r in results:
+        if r["rank"][1] == 0:  # one data-parallel replica
+            merged.update(r[key])
+    return merged
+
+
+def test_virtual_pipeline_equals_plain_pipeline_and_single_rank(tmp_path):
+    from gil_megatron.models.convert import hf_to_megatron, megatron_to_hf
+    from gil_megatron.models.weights import arch_of
+
+    hf_dir = make_hf(str(tmp_path / "hf"))
+    ckpt = str(tmp_path / "ckpt")
+    hf_to_megatron(hf_dir, ckpt, 1, 2)
+    out_dir = tmp_path / "vp_model"
+    out_dir.mkdir()
+    per_rank = spawn(_all_layouts, 2, ckpt, str(out_dir))
+
+    ref = per_rank[0][(1, 1)]
+    ref_grads, ref_weights = ref["grads"], ref["weights"]
+    assert len(ref_grads) == len(ref_weights) > 0
+    for pp, vp in LAYOUTS[1:]:
+        results = [r[(pp, vp)] for r in per_rank]
+        for r in results:  # every rank holds the same broadcast results
+            torch.testing.assert_close(r["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r["logprobs"], ref["logprobs"], rtol=1e-5, atol=1e-5)
+            assert torch.equal(r["greedy"], ref["greedy"]), (pp, vp)
+            assert torch.equal(r["sampled"], ref["sampled"]), (pp, vp)
+            torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        for key, expected in (("grads", ref_grads), ("weights", ref_weights)):
+            got = _union(results, key)
+            assert sorted(got) == sorted(expected), (pp, vp, key)
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6,
+                                           msg=f"{key} {name} at pp={pp} virtual_pp={vp}")
+    assert ref["losses"][1] < ref["losses"][0]  # the steps did something
+    assert "num_layers=4 is not divisible by parallel.pp * parallel.virtual_pp = 2*4" in per_rank[0]["indivisible"]
+
+    # the directory written with chunks: 4 stage files, and back to the original HF tensors
+    assert arch_of(str(out_dir))[3] == LAYERS
+    back = str(tmp_path / "hf_back")
+    megatron_to_hf(str(out_dir), back)
+    from safetensors.torch import load_file
+    import glob
+
+    original = load_file(f"{hf_dir}/model.safetensors")
+    restored = {}
+    for path in glob.glob(f"{back}/*.safetensors"):
+        restored.update(load_file(path))
+    assert sorted(restored) == sorted(original)
+    for name in original:
+        assert torch.equal(restored[name], original[name]), name
+
+
+def test_virtual_pp_config_errors():
+    from gil_megatron.config import ConfigError, ParallelConfig
+
+    with pytest.raises(ConfigError, match="parallel.virtual_pp=2 interleaves pipeline stages and needs parallel.pp"):
+        ParallelConfig(pp=1, virtual_pp=2).validate()
+    with pytest.raises(ConfigError, match="parallel.virtual_pp=0"):
+        ParallelConfig(pp=2, virtual_pp=0).validate()
+    ParallelConfig(pp=2, virtual_pp=2).validate()
