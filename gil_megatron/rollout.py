@@ -52,6 +52,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from gil_megatron import collectives
 from gil_megatron.models.inference import KVCacheDecoder
+from gil_megatron.ops.logprob import vocab_parallel_logprobs
 
 
 @dataclass
@@ -102,6 +103,10 @@ class RolloutBatch:
     """[b] real tokens of each row: prompt + response (incl. eos)."""
     response_mask: torch.Tensor
     """[b, s] 1 on generated tokens (incl. eos), 0 on prompt and pad; dtype long."""
+    logprobs: Optional[torch.Tensor] = None
+    """[b, s-1] on the action axis (position t: log p(token t+1)), only when asked for: the sampling
+    policy's log-probs of the generated tokens at temperature 1, from the decode step's own logits;
+    0 outside the response."""
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -175,6 +180,11 @@ class _StageLink:
             collectives.broadcast(tokens, self.last_rank, self.group)
         return tokens
 
+    def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pp > 1:
+            collectives.broadcast(tensor, self.last_rank, self.group)
+        return tensor
+
     def sync_generator(self, generator: Optional[torch.Generator], device: torch.device) -> None:
         """Copy the last stage's generator state to the other stages (they drew nothing)."""
         if self.pp == 1 or generator is None:
@@ -186,12 +196,14 @@ class _StageLink:
 
 # ---- the generation loop -----------------------------------------------------------------------
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor,
-             settings: SamplingSettings, generator: Optional[torch.Generator] = None) -> RolloutBatch:
+             settings: SamplingSettings, generator: Optional[torch.Generator] = None,
+             return_logprobs: bool = False) -> RolloutBatch:
     """Generate responses for right-padded prompts ``prompt_ids`` [b, s_p] with ``prompt_lengths``
     [b] on every TP/PP rank of one model replica; every rank passes the same prompts (on the model's
     device) and a generator seeded the same way (None: torch's default generator, which is then the
-    caller's job to keep in step across TP ranks). Returns the same RolloutBatch on every rank. The
-    model is put in eval mode for the call and restored after."""
+    caller's job to keep in step across TP ranks). Returns the same RolloutBatch on every rank, with
+    the generated tokens' log-probs when ``return_logprobs``. The model is put in eval mode for the
+    call and restored after."""
     if prompt_ids.dim() != 2 or prompt_lengths.shape != prompt_ids.shape[:1]:
         raise ValueError(
             f"prompt_ids must be [b, s_p] and prompt_lengths [b]; got {tuple(prompt_ids.shape)} "
@@ -222,6 +234,7 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
     tokens = torch.full((b, width), settings.pad_token_id, dtype=torch.long, device=device)
     tokens[:, :max_len] = torch.where(is_prompt[:, :max_len], prompt_ids.long(), tokens[:, :max_len])
     lengths = prompt_lengths.clone()
+    step_logprobs = torch.zeros(b, settings.max_new_tokens, device=device) if return_logprobs else None
 
     link = _StageLink(model)
     was_training = model.training
@@ -232,7 +245,7 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
         # are inference tensors; tokens and lengths were made outside, and what we return is
         # cloned, so training can use it as ordinary input.
         with torch.inference_mode():
-            _decode(model, link, tokens, prompt_lengths, lengths, settings, generator)
+            _decode(model, link, tokens, prompt_lengths, lengths, settings, generator, step_logprobs)
     finally:
         model.train(was_training)
     link.sync_generator(generator, device)
@@ -241,14 +254,23 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
     sequences = tokens[:, :s].clone()
     in_row = positions[:s].unsqueeze(0) < lengths.unsqueeze(1)
     response_mask = (in_row & ~is_prompt[:, :s]).long()
+    logprobs = None
+    if return_logprobs:
+        # response token k of row i sits at column p_i + k: action index p_i + k - 1
+        step_logprobs = link.broadcast_from_last(step_logprobs)
+        k = torch.arange(settings.max_new_tokens, device=device)
+        rows, ks = (k.unsqueeze(0) < (lengths - prompt_lengths).unsqueeze(1)).nonzero(as_tuple=True)
+        logprobs = torch.zeros(b, s - 1, device=device)
+        logprobs[rows, prompt_lengths[rows] + ks - 1] = step_logprobs[rows, ks]
     return RolloutBatch(sequences=sequences, prompt_lengths=prompt_lengths.clone(), lengths=lengths.clone(),
-                        response_mask=response_mask)
+                        response_mask=response_mask, logprobs=logprobs)
 
 
 def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: SamplingSettings,
-            generator) -> None:
+            generator, step_logprobs: Optional[torch.Tensor] = None) -> None:
     """The decode loop: fills ``tokens`` [b, width] (right-padded prompts in, responses appended)
-    and ``lengths`` [b] in place. Internally rows are left-padded so that every prompt ends at the
+    and ``lengths`` [b] in place, and on the last stage ``step_logprobs`` [b, max_new_tokens]
+    (log-prob of each row's k-th generated token) when given. Internally rows are left-padded so that every prompt ends at the
     same column: one prefill, then exactly one new token per row per step."""
     b, width = tokens.shape
     max_len = width - settings.max_new_tokens
@@ -274,6 +296,10 @@ def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: 
             # drop the padding (its size depends on tp) so the draw is the same for every layout
             full_logits = full_logits[:, :vocab_size]
             next_tokens = sample_tokens(full_logits, settings, generator)  # [b]
+            if step_logprobs is not None:  # the scoring path's op on the same vocab shards, at temperature 1
+                step_logprobs[:, t - max_len] = vocab_parallel_logprobs(
+                    last_logits.unsqueeze(1), next_tokens.unsqueeze(1),
+                    tp_group=parallel_state.get_tensor_model_parallel_group())[0].squeeze(1)
         else:
             next_tokens = torch.empty(b, dtype=torch.long, device=device)
         next_tokens = link.broadcast_tokens(next_tokens)

@@ -125,13 +125,15 @@ class PPOTrainer:
     def rollout(self):
         batch = repeat_prompts(self.loader.next_batch(), self.cfg.rollout.n_samples_per_prompt)
         rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device),
-                           self.sampling, self.generator)
+                           self.sampling, self.generator, return_logprobs=self.cfg.rollout.logprobs_from_decode)
         return batch, rollout
 
     def score(self, batch, rollout) -> Dict[str, torch.Tensor]:
         mbs = self.cfg.rollout.micro_batch_size
         seqs, lengths = rollout.sequences, rollout.lengths
-        old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
+        old_logprobs = rollout.logprobs
+        if old_logprobs is None:
+            old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
         with self.offload.resident("reference"):
             ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
