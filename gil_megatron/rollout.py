@@ -30,8 +30,8 @@ generate, and 1.14-1.34x with this path (benchmarks/bench_generate.py, CPU-time 
 alternating runs each on a shared 2-core machine).
 
 Sampling: the last position's vocab-parallel logits [b, V_pad/tp] are all-gathered over TP
-([b, V_pad] once per step), then temperature, top-k, top-p (in HF's order) and a multinomial draw
-with the caller's generator. Every TP rank holds the same full logits and the same generator
+([b, V_pad] once per step), then temperature, top-k, top-p (in HF's order) and one draw per row
+by inverse CDF from a uniform of the caller's generator. Every TP rank holds the same full logits and the same generator
 state, so every TP rank samples the same token; padded vocabulary entries are -inf (the actor head
 masks them), get probability 0 and are never drawn. Only the last pipeline stage samples; the
 token goes to every stage with one broadcast on the pipeline group, and at the end the generator
@@ -138,10 +138,20 @@ def sample_tokens(logits: torch.Tensor, settings: SamplingSettings,
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
     probs = torch.softmax(logits, dim=-1)
-    if generator is not None and generator.device != probs.device:
-        # the generator lives on the CPU (its state is checkpointed and identical on every rank)
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # the generator lives on the CPU (its state is checkpointed and identical on every rank)
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=generator.device if generator else None)
+    return draw_by_inverse_cdf(probs, uniform.to(probs.device))
+
+
+def draw_by_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw per row of ``probs`` [b, V] (unnormalised is fine) from ``uniform`` [b, 1] in [0, 1):
+    the first index whose cumulative mass exceeds u * total. torch.multinomial does the same job
+    but took 2 ms per step for [64, 1000] on CPU (a sixth of a decode step), this 0.1 ms. In float64,
+    u < 1 gives u * total < total, so the index is always < V, and c[j-1] <= u * total < c[j] means
+    p_j > 0: a zero-probability token is never drawn."""
+    cumulative = probs.double().cumsum(dim=-1)
+    target = uniform.double() * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, target, right=True).squeeze(-1)
 
 
 # ---- one forward step through the pipeline -----------------------------------------------------

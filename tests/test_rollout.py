@@ -277,3 +277,18 @@ def test_filter_logits_top_k_top_p():
     freq = torch.bincount(draws, minlength=6).float() / 4000
     assert torch.allclose(freq[:5], torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]), atol=0.03)
 
+
+
+def test_inverse_cdf_draw_hits_each_token_with_its_probability_and_never_a_zero():
+    from gil_megatron.rollout import draw_by_inverse_cdf
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # zeros first, inside and last
+    n = 10_000
+    grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).float().unsqueeze(1)  # evenly spaced u
+    edges = torch.tensor([[0.0], [1.0 - 2 ** -24]])  # the smallest and largest float32 torch.rand gives
+    draws = draw_by_inverse_cdf(probs.expand(n + 2, -1), torch.cat([grid, edges]))
+    assert torch.equal(draws[-2:], torch.tensor([1, 4]))
+    freq = torch.bincount(draws[:n], minlength=6).double() / n
+    torch.testing.assert_close(freq, probs.double(), atol=1e-4, rtol=0)
+    # unnormalised rows (what softmax in float32 gives) draw the same
+    assert torch.equal(draw_by_inverse_cdf(3 * probs.expand(n, -1), grid), draws[:n])
