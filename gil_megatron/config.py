@@ -183,6 +183,10 @@ class RolloutConfig:
     greedy: bool = False
     micro_batch_size: int = 16
     """Sequences per forward in no-grad scoring (per data-parallel rank)."""
+    decode_batch_size: int = 0
+    """Rows decoded at once per data-parallel rank (0 = the whole local batch at once). The rollout's
+    KV cache holds this many rows (the memory check counts it); smaller trades speed for memory.
+    The draws depend on it."""
     logprobs_from_decode: bool = False
     """Take the PPO old log-probs from the decode step's logits (as TRL does) instead of a scoring
     forward of the actor: one forward fewer per iteration. In fp32 both paths agree to ~1e-6; in
@@ -196,6 +200,8 @@ class RolloutConfig:
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
         _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0")
         _require(self.micro_batch_size > 0, f"rollout.micro_batch_size={self.micro_batch_size} must be > 0")
+        _require(self.decode_batch_size >= 0, f"rollout.decode_batch_size={self.decode_batch_size} must be >= 0 "
+                 "(0 decodes the whole local batch at once)")
 
 
 @dataclass

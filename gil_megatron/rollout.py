@@ -43,11 +43,13 @@ its output to stage k+1. There is no micro-batching across stages: simple and ex
 stages (a rollout engine would interleave micro-batches).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 
 from gil_megatron import collectives
@@ -73,6 +75,9 @@ class SamplingSettings:
     """A row stops after producing this token (None: rows run to max_new_tokens)."""
     pad_token_id: int = 0
     """Written after each row's last token."""
+    decode_batch_size: int = 0
+    """Rows decoded at once (0 = all rows of the call). The KV cache holds this many rows; the rest
+    wait their turn. Draws depend on it (rows take their uniforms chunk by chunk)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -89,6 +94,8 @@ class SamplingSettings:
             raise ValueError(f"rollout.eos_token_id={self.eos_token_id} must be >= 0 or null")
         if self.pad_token_id < 0:
             raise ValueError(f"rollout.pad_token_id={self.pad_token_id} must be >= 0")
+        if self.decode_batch_size < 0:
+            raise ValueError(f"rollout.decode_batch_size={self.decode_batch_size} must be >= 0; 0 decodes all rows at once")
 
 
 @dataclass
@@ -219,8 +226,14 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
             f"prompt_ids must be [b, s_p] and prompt_lengths [b]; got {tuple(prompt_ids.shape)} "
             f"and {tuple(prompt_lengths.shape)}"
         )
-    arch = getattr(model, "arch", None)
     b, s_p = prompt_ids.shape
+    if 0 < settings.decode_batch_size < b:
+        whole = dataclasses.replace(settings, decode_batch_size=0)
+        chunks = [generate(model, prompt_ids[i:i + settings.decode_batch_size],
+                           prompt_lengths[i:i + settings.decode_batch_size], whole, generator, return_logprobs)
+                  for i in range(0, b, settings.decode_batch_size)]
+        return _concat(chunks, settings.pad_token_id)
+    arch = getattr(model, "arch", None)
     device = prompt_ids.device
     prompt_lengths = prompt_lengths.to(device=device, dtype=torch.long)
     min_len, max_len = int(prompt_lengths.min()), int(prompt_lengths.max())  # one host sync
@@ -274,6 +287,22 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
         logprobs[rows, prompt_lengths[rows] + ks - 1] = step_logprobs[rows, ks]
     return RolloutBatch(sequences=sequences, prompt_lengths=prompt_lengths.clone(), lengths=lengths.clone(),
                         response_mask=response_mask, logprobs=logprobs)
+
+
+def _concat(batches, pad_token_id: int) -> RolloutBatch:
+    """Rows of several RolloutBatches in one, right-padded to the widest."""
+    width = max(batch.sequences.shape[1] for batch in batches)
+
+    def cat(name, fill):
+        tensors = [getattr(batch, name) for batch in batches]
+        if tensors[0] is None:
+            return None
+        target = width - 1 if name == "logprobs" else width  # logprobs are on the action axis
+        return torch.cat([F.pad(t, (0, target - t.shape[1]), value=fill) for t in tensors])
+
+    return RolloutBatch(sequences=cat("sequences", pad_token_id), prompt_lengths=torch.cat([b.prompt_lengths for b in batches]),
+                        lengths=torch.cat([b.lengths for b in batches]), response_mask=cat("response_mask", 0),
+                        logprobs=cat("logprobs", 0.0))
 
 
 def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: SamplingSettings,

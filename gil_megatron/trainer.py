@@ -94,7 +94,7 @@ class PPOTrainer:
         self.sampling = SamplingSettings(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k, greedy=cfg.rollout.greedy, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.pad_id)
+            pad_token_id=self.pad_id, decode_batch_size=cfg.rollout.decode_batch_size)
         # identical on every TP/PP rank of a replica (sampling must agree), different across DP
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.layout.dp_rank)
         self.iteration = 0
@@ -115,11 +115,15 @@ class PPOTrainer:
                               max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                               torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                              offloaded=device_offloaded(cfg.offload, paths))
+                              offloaded=device_offloaded(cfg.offload, paths), decode_rows=self._decode_rows())
         if distributed.is_rank0():
             print(f"[gil_megatron] layout tp={self.layout.tp} pp={self.layout.pp} dp={self.layout.dp}; "
                   f"{est.describe()}", flush=True)
         memory.check_fits(est)
+
+    def _decode_rows(self) -> int:
+        local = self.cfg.rollout.batch_size * self.cfg.rollout.n_samples_per_prompt // self.dp
+        return min(local, self.cfg.rollout.decode_batch_size or local)
 
     # ---- one iteration ---------------------------------------------------------------------
     def rollout(self):

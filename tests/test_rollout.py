@@ -1,6 +1,8 @@
 """Generation with a KV cache under TP/PP: equal to HF's greedy generate, to a no-cache recompute,
 and to itself across layouts; eos, lengths and masks; seeded sampling agrees on every rank."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -131,6 +133,11 @@ def _layout(ckpt, tp, pp, eq_eos):
     with_lp = generate(model, var, var_lengths, settings, torch.Generator().manual_seed(6), return_logprobs=True)
     without = generate(model, var, var_lengths, settings, torch.Generator().manual_seed(6))
     r["decode_logprobs"] = (with_lp, without, score_logprobs(model, with_lp.sequences, micro_batch_size=3)[0])
+    # decoding 3 rows at a time (a smaller KV cache): greedy tokens and log-probs unchanged
+    greedy_lp = generate(model, var, var_lengths, dataclasses.replace(settings, greedy=True), return_logprobs=True)
+    chunked = generate(model, var, var_lengths, dataclasses.replace(settings, greedy=True, decode_batch_size=3),
+                       return_logprobs=True)
+    r["chunked"] = (greedy_lp, chunked)
     # near-uniform over the real vocabulary: many draws, none may land in the padded tail
     wide = torch.randint(1, VOCAB, (HOT_ROWS, 4), generator=torch.Generator().manual_seed(2))
     r["hot"] = run(wide, torch.full((HOT_ROWS,), 4), seed=9, temperature=50.0, max_new_tokens=HOT_NEW)[0]
@@ -231,6 +238,10 @@ def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
             torch.testing.assert_close(with_lp.logprobs[actions], scored[actions], rtol=1e-5, atol=1e-5)
             assert (with_lp.logprobs[~actions] == 0).all() and (with_lp.logprobs[actions] < 0).all()
             assert torch.equal(with_lp.logprobs, first["decode_logprobs"][0].logprobs)  # same on every rank
+            whole, chunked = r["chunked"]
+            _assert_batch_equal(chunked, whole, (tp, pp, "decode_batch_size=3"))
+            assert (whole.lengths < var_lengths + MAX_NEW).any() and chunked.logprobs.shape == whole.logprobs.shape
+            torch.testing.assert_close(chunked.logprobs, whole.logprobs, rtol=1e-5, atol=1e-5)
         assert all(r["training_restored"] for r in results)
         hot = first["hot"]
         assert hot.sequences.max() < VOCAB and hot.response_mask.sum() == HOT_ROWS * HOT_NEW
