@@ -339,6 +339,9 @@ class TrainConfig:
     recompute: str = "none"
     """Activation recomputation of the trained models: none | selective (core attention) | full
     (whole layers); less activation memory for more compute, same math."""
+    sequence_packing: bool = False
+    """Run the scoring and training forwards packed: each micro-batch's real tokens as one row, no
+    padding (gil_megatron/models/packing.py). Same results as padded within float rounding."""
 
     def validate(self):
         _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")

@@ -135,21 +135,22 @@ class PPOTrainer:
     def score(self, batch, rollout) -> Dict[str, torch.Tensor]:
         mbs = self.cfg.rollout.micro_batch_size
         seqs, lengths = rollout.sequences, rollout.lengths
+        packed = lengths if self.cfg.train.sequence_packing else None
         old_logprobs = rollout.logprobs
         if old_logprobs is None:
-            old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
+            old_logprobs, _ = score_logprobs(self.actor, seqs, mbs, packed_lengths=packed)
         with self.offload.resident("reference"):
-            ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
+            ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs, packed_lengths=packed)
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
         head_lengths = rollout.prompt_lengths if self.params.group_level == "prompt" else lengths
         if self.critic is not None:
-            values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs)
+            values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs, packed_lengths=packed)
         else:
             values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.num_groups)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             with self.offload.resident("reward_model"):
-                scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
+                scores = score_reward_model(self.reward_model, seqs, lengths, mbs, packed_lengths=packed)
         else:
             scores = self.reward_fn.shared(prompts, responses)
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
@@ -198,7 +199,8 @@ class PPOTrainer:
     def _train_minibatch(self, mini: Dict[str, torch.Tensor], group_scale: float) -> Dict[str, float]:
         mbs = self.cfg.ppo.micro_batch_size
         on_device = {k: v.to(self.device) for k, v in mini.items()}
-        microbatches = microbatches_of(on_device["sequences"], mbs,
+        packed = mini["lengths"] if self.cfg.train.sequence_packing else None  # CPU: packs without a host sync
+        microbatches = microbatches_of(on_device["sequences"], mbs, packed,
                                        **{k: v for k, v in on_device.items() if k != "sequences"})
         mask, mode = mini["action_mask"], self.params.loss_agg_mode
         dp_group = parallel_state.get_data_parallel_group()

@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from gil_megatron import collectives
+from gil_megatron.models import packing
 
 LossFn = Callable[[Dict[str, torch.Tensor], torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
@@ -40,7 +41,7 @@ def run_microbatches(
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        output = chunk(batch["input_ids"], batch.get("position_ids"))
+        output = packing.forward_chunk(chunk, batch)
 
         def loss_func(out):
             loss, metrics = loss_fn(batch, out)
