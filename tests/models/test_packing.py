@@ -4,7 +4,7 @@ The packed forward must give what the padded one gives: per-action log-probs and
 values and group logits, reward scores, PPO and critic losses and every parameter's gradient, fp32,
 within atol 1e-5 (float rounding of a different summation order, nothing more) at TP1, TP2 and PP2,
 on length distributions the code never saw (several seeds, skewed, length-1 rows and responses, a
-full-length row, uneven micro-batches). Then the pieces alone: the packing bookkeeping and the
+full-length row, uneven micro-batches; activation recomputation full at TP2, selective at PP2). Then the pieces alone: the packing bookkeeping and the
 packed attention against a per-sequence softmax loop; and a few PPO iterations of the trainer with
 packing on and off.
 """
@@ -139,7 +139,10 @@ def _one_layout(tp, pp, cases):
                            num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64, num_groups=2)
     actor, critic = _randomize(LlamaModel(arch, "actor"), 11), _randomize(LlamaModel(arch, "critic"), 12)
     reward = _randomize(LlamaModel(arch, "reward"), 13).eval()
-    trainers = {"actor": Trainable(actor, OptimSettings(lr=1e-3)), "critic": Trainable(critic, OptimSettings(lr=1e-3))}
+    # activation recomputation replays the packed attention / layers in the backward pass
+    recompute = {(1, 1): "none", (2, 1): "full", (1, 2): "selective"}[(tp, pp)]
+    trainers = {name: Trainable(model, OptimSettings(lr=1e-3), recompute=recompute)
+                for name, model in (("actor", actor), ("critic", critic))}
     params = dataclasses.replace(objectives.params_from_config(PPOConfig()), kl_in="loss", entropy_coef=0.01)
 
     def actor_loss(mb, logits):
