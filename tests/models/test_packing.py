@@ -4,9 +4,9 @@ The packed forward must give what the padded one gives: per-action log-probs and
 values and group logits, reward scores, PPO and critic losses and every parameter's gradient, fp32,
 within atol 1e-5 (float rounding of a different summation order, nothing more) at TP1, TP2 and PP2,
 on length distributions the code never saw (several seeds, skewed, length-1 rows and responses, a
-full-length row, uneven micro-batches; activation recomputation full at TP2, selective at PP2). Then the pieces alone: the packing bookkeeping and the
-packed attention against a per-sequence softmax loop; and a few PPO iterations of the trainer with
-packing on and off.
+full-length row, uneven micro-batches; activation recomputation full at TP2, selective at PP2).
+Then the pieces alone: the packing bookkeeping, and the packed attention against a per-sequence
+softmax loop; and a few PPO iterations of the trainer with packing on and off (slow).
 """
 
 import dataclasses
