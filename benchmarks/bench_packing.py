@@ -9,8 +9,8 @@ padded token slots that packing removes, and the largest log-prob difference bet
 
 The work: the tiny model of benchmarks/bench_vs_trl.py (vocab 1000, hidden 256, intermediate 512,
 4 layers, 4 heads / 2 kv heads; random weights), fp32, TP1 in one process; 64 sequences of prompt
-8-24 tokens + a response of 1-32 tokens drawn long-tailed (most short, as when most responses stop
-at eos early; one row at the full 56). Micro-batches as bench_vs_trl.py: 64 rows for scoring, mini-
+8-24 tokens + a response of 1-32 tokens drawn long-tailed (1 + exponential, mean 6: most short, as
+when most responses stop at eos early; one row at the full 56; --mean-response changes the skew). Micro-batches as bench_vs_trl.py: 64 rows for scoring, mini-
 batches of 32 with micro-batches of 32 for training.
 
 Hardware: any CPU; the numbers in the report came from a 2-core shared VM (noisy: other processes
@@ -39,15 +39,17 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per mode (after one warm-up each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mean-response", type=float, default=6.0,
+                   help="mean of the exponential response-length draw (large: nearly every response at 32)")
     return p.parse_args()
 
 
-def skewed_batch(seed: int):
-    """64 right-padded rows: prompt 8-24 tokens, response 1 + Exponential(mean 6) capped at 32,
-    one row at the full 56; (sequences [64, 56], lengths [64], prompt lengths [64])."""
+def skewed_batch(seed: int, mean_response: float):
+    """64 right-padded rows: prompt 8-24 tokens, response 1 + Exponential(mean_response) capped at
+    32, one row at the full 56; (sequences [64, 56], lengths [64], prompt lengths [64])."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(8, MAX_PROMPT + 1, (BATCH,), generator=g)
-    response = (1 + torch.empty(BATCH).exponential_(1 / 6.0, generator=g).long()).clamp(max=MAX_NEW)
+    response = (1 + torch.empty(BATCH).exponential_(1 / mean_response, generator=g).long()).clamp(max=MAX_NEW)
     prompt[0], response[0] = MAX_PROMPT, MAX_NEW
     lengths = prompt + response
     seqs = torch.randint(3, VOCAB, (BATCH, int(lengths.max())), generator=g)
@@ -104,7 +106,7 @@ def main():
     models = build(args.seed)
     trainers = {n: Trainable(models[n], OptimSettings(lr=1e-5)) for n in ("actor", "critic")}
     params = objectives.params_from_config(PPOConfig(algo="ppo"))
-    seqs, lengths, prompt = skewed_batch(args.seed)
+    seqs, lengths, prompt = skewed_batch(args.seed, args.mean_response)
     full = experience(seqs, lengths, prompt, args.seed)
     norm = full["action_mask"].sum() / 2
 

@@ -341,7 +341,9 @@ class TrainConfig:
     (whole layers); less activation memory for more compute, same math."""
     sequence_packing: bool = False
     """Run the scoring and training forwards packed: each micro-batch's real tokens as one row, no
-    padding (gil_megatron/models/packing.py). Same results as padded within float rounding."""
+    padding (gil_megatron/models/packing.py; docs/design.md). Same results as padded within float
+    rounding; faster the more the lengths in a batch differ (benchmarks/bench_packing.py). Off by
+    default until the transformer-engine (GPU) attention path has been run with it."""
 
     def validate(self):
         _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")
