@@ -4,8 +4,10 @@ the same models, prompts and settings, the two alternating in one run.
 The work (the same on both sides): policy and reference a random Llama (vocab 1000, hidden 256,
 intermediate 512, 4 layers, 4 heads / 2 kv heads); reward model and critic a
 LlamaForSequenceClassification on the same trunk; 64 prompts of 8-24 tokens per update, 32 new
-tokens at temperature 0.7 (stop at eos); reference log-probs, values and reward scored; GAE; 1 epoch
-x 2 mini-batches of 32; fp32 on CPU; 2 threads (ours also as TP2: two 1-thread ranks). Every run
+tokens at temperature 0.7 (stop at eos); reference log-probs, values and reward scored (the old
+log-probs come from the generation step's logits on both sides: TRL always does this, ours with
+rollout.logprobs_from_decode=true; --old-logprobs rescore runs ours with a scoring forward instead);
+GAE; 1 epoch x 2 mini-batches of 32; fp32 on CPU; 2 threads (ours also as TP2: two 1-thread ranks). Every run
 does 1 warm-up update plus --updates timed ones in a fresh process; the table gives medians over
 all timed updates of all rounds.
 
@@ -46,6 +48,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tp", default="1,2", help="our tensor-parallel sizes (TP>1 runs that many 1-thread ranks)")
     p.add_argument("--venv", default=DEFAULT_VENV, help="TRL's virtual environment (made on first use)")
+    p.add_argument("--old-logprobs", choices=("decode", "rescore"), default="decode",
+                   help="ours: PPO old log-probs from the decode step (what TRL does) or from a scoring forward")
     return p.parse_args()
 
 
@@ -82,7 +86,7 @@ def trl_python(venv: str) -> str:
 
 
 # ---- the shared work -----------------------------------------------------------------------------
-def make_work(root: str, updates: int) -> None:
+def make_work(root: str, updates: int, hidden: int = 256, intermediate: int = 512, layers: int = 4) -> None:
     """Tokenizer, HF policy and reward model (same trunk), our converted checkpoints, prompts."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -95,7 +99,7 @@ def make_work(root: str, updates: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                         unk_token="w0")
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
@@ -130,7 +134,7 @@ def run_trl(python: str, root: str, updates: int, threads: int) -> list:
              "gc": r.get("gc_s", 0.0)} for r in rows]
 
 
-def run_ours(root: str, updates: int, tp: int, threads: int, index: int) -> list:
+def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_logprobs: str = "decode") -> list:
     run_dir = os.path.join(root, f"ours_tp{tp}_{index}")
     argv = [f"run_dir={run_dir}", "algo=ppo", f"parallel.tp={tp}", f"models.actor={root}/ours/policy",
             f"models.reward_model={root}/ours/reward", f"data.train_prompts={root}/prompts.jsonl",
@@ -138,7 +142,8 @@ def run_ours(root: str, updates: int, tp: int, threads: int, index: int) -> list
             "rollout.temperature=0.7", f"rollout.micro_batch_size={BATCH // tp if tp > 1 else BATCH}",
             "ppo.epochs=1", f"ppo.mini_batch_size={BATCH // 2}", f"ppo.micro_batch_size={BATCH // 2}",
             "ppo.kl_coef=0.05", "models.dtype=fp32", f"train.iterations={updates + 1}", "train.save_every=0",
-            "checkpoint.resume=none", "logging.progress=false"]
+            "checkpoint.resume=none", "logging.progress=false",
+            f"rollout.logprobs_from_decode={str(old_logprobs == 'decode').lower()}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads if tp == 1 else 1), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
                            "-m", "gil_megatron.trainer", *argv], env=env, capture_output=True, text=True)
@@ -167,9 +172,10 @@ def main():
         for r in range(args.rounds):  # alternate, so machine load hits every side alike
             results["TRL 1.12.0 PPO"] += run_trl(python, root, args.updates, args.threads)
             for tp in tps:
-                results[f"ours TP{tp}"] += run_ours(root, args.updates, tp, args.threads, r)
+                results[f"ours TP{tp}"] += run_ours(root, args.updates, tp, args.threads, r, args.old_logprobs)
     print(f"work: Llama vocab {VOCAB}, hidden 256, inter 512, 4 layers, 4/2 heads; {BATCH} prompts x {NEW_TOKENS} "
-          f"new tokens (T=0.7); ref + value + reward scoring; GAE; 1 epoch x 2 mini-batches; fp32; "
+          f"new tokens (T=0.7); ref + value + reward scoring; old log-probs: ours {args.old_logprobs}, TRL decode; "
+          f"GAE; 1 epoch x 2 mini-batches; fp32; "
           f"{args.threads} threads (TP2: 2 ranks x 1); median of {args.rounds} x {args.updates} updates after warm-up")
     print(f"{'side':<16}{'s/update':>9}{'samples/s':>11}{'generate s':>12}{'score s':>9}{'train s':>9}{'(gc s)':>8}")
     table = {name: summary(rows) for name, rows in results.items()}

@@ -191,6 +191,14 @@ class RolloutConfig:
     greedy: bool = False
     micro_batch_size: int = 16
     """Sequences per forward in no-grad scoring (per data-parallel rank)."""
+    decode_batch_size: int = 0
+    """Rows decoded at once per data-parallel rank (0 = the whole local batch at once). The rollout's
+    KV cache holds this many rows (the memory check counts it); smaller trades speed for memory.
+    The draws depend on it."""
+    logprobs_from_decode: bool = False
+    """Take the PPO old log-probs from the decode step's logits (as TRL does) instead of a scoring
+    forward of the actor: one forward fewer per iteration. In fp32 both paths agree to ~1e-6; in
+    bf16 the decode path's attention rounds differently, so the first ratio is not exactly 1."""
 
     def validate(self):
         _require(self.batch_size > 0, f"rollout.batch_size={self.batch_size} must be > 0")
@@ -200,6 +208,8 @@ class RolloutConfig:
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
         _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0")
         _require(self.micro_batch_size > 0, f"rollout.micro_batch_size={self.micro_batch_size} must be > 0")
+        _require(self.decode_batch_size >= 0, f"rollout.decode_batch_size={self.decode_batch_size} must be >= 0 "
+                 "(0 decodes the whole local batch at once)")
 
 
 @dataclass
@@ -337,6 +347,11 @@ class TrainConfig:
     recompute: str = "none"
     """Activation recomputation of the trained models: none | selective (core attention) | full
     (whole layers); less activation memory for more compute, same math."""
+    sequence_packing: bool = False
+    """Run the scoring and training forwards packed: each micro-batch's real tokens as one row, no
+    padding (gil_megatron/models/packing.py; docs/design.md). Same results as padded within float
+    rounding; faster the more the lengths in a batch differ (benchmarks/bench_packing.py). Off by
+    default until the transformer-engine (GPU) attention path has been run with it."""
 
     def validate(self):
         _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")
@@ -394,6 +409,9 @@ class PPOConfig:
         _require(n_seq % self.ppo.mini_batch_size == 0,
                  f"ppo.mini_batch_size={self.ppo.mini_batch_size} must divide the sequences per iteration "
                  f"rollout.batch_size * rollout.n_samples_per_prompt = {n_seq}")
+        _require(not (self.train.sequence_packing and self.parallel.virtual_pp > 1),
+                 f"train.sequence_packing=true does not run with parallel.virtual_pp={self.parallel.virtual_pp}: "
+                 "the interleaved schedule needs fixed micro-batch shapes; set one of them off")
         _require(not self.offload.reward_model or self.models.reward_model is not None,
                  "offload.reward_model=true but models.reward_model is not set (the reward comes from "
                  "models.reward_fn, which has no weights); set offload.reward_model=false")

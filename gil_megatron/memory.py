@@ -4,8 +4,11 @@ instead of an out-of-memory error an hour into the run.
 Per rank: parameters of every model held (actor, reference, critic, reward model; each split
 tp * pp ways; models offloaded to the host between uses (offload.py) count only as the largest of
 them, since they are on the device one at a time), gradients + Adam states for the two trained
-models, and activations of one micro-batch (a standard transformer estimate: ~34 * s * b * h bytes
-per layer in 16 bit, Korthikanti et al. 2022, scaled to the dtype; plus the vocab-parallel logits).
+models, and the larger of two phases that never overlap: the training activations of one
+micro-batch (a standard transformer estimate: ~34 * s * b * h bytes per layer in 16 bit, Korthikanti
+et al. 2022, scaled to the dtype; plus the vocab-parallel logits) and the rollout's KV cache (keys
+and values of every layer of this stage for the rows decoded at once, at full length, plus one
+step's full-vocabulary logits for sampling).
 """
 
 import os
@@ -35,12 +38,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return sum(self.per_rank_bytes.values())
+        b = self.per_rank_bytes
+        return b["weights"] + b["grads+optimizer"] + max(b["activations"], b["rollout KV cache"])
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.per_rank_bytes.items())
-        return (f"estimated {self.total / 2**30:.2f} GiB per rank ({parts} GiB) vs "
-                f"{self.available_bytes / 2**30:.2f} GiB available on {self.device}")
+        b = {k: f"{v / 2**30:.2f}" for k, v in self.per_rank_bytes.items()}
+        return (f"estimated {self.total / 2**30:.2f} GiB per rank (weights {b['weights']}, grads+optimizer "
+                f"{b['grads+optimizer']}, the larger of activations {b['activations']} and rollout KV cache "
+                f"{b['rollout KV cache']} GiB) vs {self.available_bytes / 2**30:.2f} GiB available on {self.device}")
 
 
 def available_bytes(ranks_per_node: int) -> tuple:
@@ -53,9 +58,11 @@ def available_bytes(ranks_per_node: int) -> tuple:
 
 
 def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int, micro_batch: int,
-             seq_len: int, dtype_bytes: int, ranks_per_node: int, offloaded: tuple = ()) -> MemoryEstimate:
+             seq_len: int, dtype_bytes: int, ranks_per_node: int, offloaded: tuple = (),
+             decode_rows: int = 0) -> MemoryEstimate:
+    """``decode_rows``: rows the rollout decodes at once on this rank (its KV cache)."""
     split = tp * pp
-    est = {"weights": 0.0, "grads+optimizer": 0.0, "activations": 0.0}
+    est = {"weights": 0.0, "grads+optimizer": 0.0, "activations": 0.0, "rollout KV cache": 0.0}
     largest_offloaded = 0.0
     for name, arch in archs.items():
         n = param_count(arch, "actor" if name in ("actor", "reference") else "critic") / split
@@ -71,6 +78,10 @@ def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int
     layers = actor.num_layers / pp
     est["activations"] = (34 * seq_len * micro_batch * actor.hidden_size * layers * dtype_bytes / 2 / tp
                           + 2 * seq_len * micro_batch * actor.padded_vocab_size(tp) / tp * 4)
+    kv_heads = max(actor.num_kv_heads // tp, 1)
+    est["rollout KV cache"] = (2 * layers * decode_rows * kv_heads * seq_len * actor.head_dim * dtype_bytes
+                               # sampling: gathered fp32 logits, probabilities, float64 cumulative mass
+                               + decode_rows * actor.padded_vocab_size(tp) * (4 + 4 + 8))
     avail, device = available_bytes(ranks_per_node)
     return MemoryEstimate(est, avail, device)
 

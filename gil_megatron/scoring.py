@@ -7,7 +7,7 @@ give per-action tensors [b, s-1], action t being token t+1 predicted at position
 """
 
 import importlib
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,16 +15,23 @@ from megatron.core import parallel_state
 
 from gil_megatron import collectives
 from gil_megatron.models.llama import score_at_last, split_critic_output
+from gil_megatron.models.packing import pack_microbatches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
 from gil_megatron.ops.logprob import vocab_parallel_logprobs
 
 
-def microbatches_of(sequences: torch.Tensor, size: int, **per_row: torch.Tensor) -> List[dict]:
+def microbatches_of(sequences: torch.Tensor, size: int, packed_lengths: Optional[torch.Tensor] = None,
+                    **per_row: torch.Tensor) -> List[dict]:
+    """Split [b, ...] tensors into micro-batches of ``size`` rows. ``packed_lengths`` [b] (each row's
+    real length; train.sequence_packing): each micro-batch then runs packed (models/packing.py)."""
     out = []
     for start in range(0, sequences.shape[0], size):
         mb = {"input_ids": sequences[start:start + size]}
         mb.update({k: v[start:start + size] for k, v in per_row.items()})
         out.append(mb)
+    if packed_lengths is not None:
+        lengths = packed_lengths.cpu()  # one host sync for the whole batch
+        pack_microbatches(out, [lengths[start:start + size] for start in range(0, sequences.shape[0], size)])
     return out
 
 
@@ -54,32 +61,40 @@ def _forward_collect(model, microbatches: List[dict], fn: Callable[[dict, torch.
     return broadcast_from_last_stage(tensors)
 
 
-def score_logprobs(model, sequences: torch.Tensor, micro_batch_size: int, with_entropy: bool = False):
-    """Per-action log-probs [b, s-1] (and entropy) under ``model`` (actor or reference)."""
+def score_logprobs(model, sequences: torch.Tensor, micro_batch_size: int, with_entropy: bool = False,
+                   packed_lengths: Optional[torch.Tensor] = None):
+    """Per-action log-probs [b, s-1] (and entropy) under ``model`` (actor or reference).
+    ``packed_lengths`` (every function here): run packed, see microbatches_of; the values at
+    pad positions then come from zero logits (uniform), where padded runs leave garbage: both are
+    off every mask."""
     def fn(batch, logits):
         logprobs, entropy = action_logprobs(logits, batch["input_ids"], with_entropy)
         return [logprobs] + ([entropy] if with_entropy else [])
 
-    out = _forward_collect(model, microbatches_of(sequences, micro_batch_size), fn)
+    out = _forward_collect(model, microbatches_of(sequences, micro_batch_size, packed_lengths), fn)
     return (out[0], out[1]) if with_entropy else (out[0], None)
 
 
-def score_critic(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int):
+def score_critic(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int,
+                 packed_lengths: Optional[torch.Tensor] = None):
     """Critic values per action position [b, s-1] and group logits at the last real token [b, M]."""
     def fn(batch, out):
         values, group_logits = split_critic_output(out.float())
         return [values[:, :-1], score_at_last(group_logits, batch["lengths"])]
 
-    values, group_logits = _forward_collect(model, microbatches_of(sequences, micro_batch_size, lengths=lengths), fn)
+    microbatches = microbatches_of(sequences, micro_batch_size, packed_lengths, lengths=lengths)
+    values, group_logits = _forward_collect(model, microbatches, fn)
     return values, group_logits
 
 
-def score_reward_model(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+def score_reward_model(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int,
+                       packed_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reward-model score at the last real token of each sequence: [b]."""
     def fn(batch, out):
         return [score_at_last(out.float(), batch["lengths"])]
 
-    (scores,) = _forward_collect(model, microbatches_of(sequences, micro_batch_size, lengths=lengths), fn)
+    microbatches = microbatches_of(sequences, micro_batch_size, packed_lengths, lengths=lengths)
+    (scores,) = _forward_collect(model, microbatches, fn)
     return scores
 
 

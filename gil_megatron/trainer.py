@@ -95,7 +95,7 @@ class PPOTrainer:
         self.sampling = SamplingSettings(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k, greedy=cfg.rollout.greedy, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.pad_id)
+            pad_token_id=self.pad_id, decode_batch_size=cfg.rollout.decode_batch_size)
         # identical on every TP/PP rank of a replica (sampling must agree), different across DP
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.layout.dp_rank)
         self.iteration = 0
@@ -116,35 +116,42 @@ class PPOTrainer:
                               max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
                               cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                               torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                              offloaded=device_offloaded(cfg.offload, paths))
+                              offloaded=device_offloaded(cfg.offload, paths), decode_rows=self._decode_rows())
         if distributed.is_rank0():
             print(f"[gil_megatron] layout tp={self.layout.tp} pp={self.layout.pp} dp={self.layout.dp}; "
                   f"{est.describe()}", flush=True)
         memory.check_fits(est)
 
+    def _decode_rows(self) -> int:
+        local = self.cfg.rollout.batch_size * self.cfg.rollout.n_samples_per_prompt // self.dp
+        return min(local, self.cfg.rollout.decode_batch_size or local)
+
     # ---- one iteration ---------------------------------------------------------------------
     def rollout(self):
         batch = repeat_prompts(self.loader.next_batch(), self.cfg.rollout.n_samples_per_prompt)
         rollout = generate(self.actor, batch.input_ids.to(self.device), batch.lengths.to(self.device),
-                           self.sampling, self.generator)
+                           self.sampling, self.generator, return_logprobs=self.cfg.rollout.logprobs_from_decode)
         return batch, rollout
 
     def score(self, batch, rollout) -> Dict[str, torch.Tensor]:
         mbs = self.cfg.rollout.micro_batch_size
         seqs, lengths = rollout.sequences, rollout.lengths
-        old_logprobs, _ = score_logprobs(self.actor, seqs, mbs)
+        packed = lengths if self.cfg.train.sequence_packing else None
+        old_logprobs = rollout.logprobs
+        if old_logprobs is None:
+            old_logprobs, _ = score_logprobs(self.actor, seqs, mbs, packed_lengths=packed)
         with self.offload.resident("reference"):
-            ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs)
+            ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs, packed_lengths=packed)
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
         head_lengths = rollout.prompt_lengths if self.params.group_level == "prompt" else lengths
         if self.critic is not None:
-            values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs)
+            values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs, packed_lengths=packed)
         else:
             values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.num_groups)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             with self.offload.resident("reward_model"):
-                scores = score_reward_model(self.reward_model, seqs, lengths, mbs)
+                scores = score_reward_model(self.reward_model, seqs, lengths, mbs, packed_lengths=packed)
         else:
             scores = self.reward_fn.shared(prompts, responses)
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
@@ -193,7 +200,8 @@ class PPOTrainer:
     def _train_minibatch(self, mini: Dict[str, torch.Tensor], group_scale: float) -> Dict[str, float]:
         mbs = self.cfg.ppo.micro_batch_size
         on_device = {k: v.to(self.device) for k, v in mini.items()}
-        microbatches = microbatches_of(on_device["sequences"], mbs,
+        packed = mini["lengths"] if self.cfg.train.sequence_packing else None  # CPU: packs without a host sync
+        microbatches = microbatches_of(on_device["sequences"], mbs, packed,
                                        **{k: v for k, v in on_device.items() if k != "sequences"})
         mask, mode = mini["action_mask"], self.params.loss_agg_mode
         dp_group = parallel_state.get_data_parallel_group()

@@ -83,6 +83,23 @@ def test_memory_estimate_counts_offloaded_models_one_at_a_time():
     assert both == pytest.approx(resident - min(ref_bytes, rm_bytes))
 
 
+def test_memory_estimate_counts_the_rollout_kv_cache_or_the_activations_whichever_is_larger():
+    from gil_megatron import memory
+    from gil_megatron.models.config import LlamaArchConfig
+
+    arch = LlamaArchConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=4,
+                           num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    archs = {"actor": arch, "reference": arch}
+    # tp2 pp2: 2 layers, 1 kv head of 64 per rank; 512 rows of 64 tokens in bf16
+    est = memory.estimate(archs, ("actor",), 2, 2, 4, 64, 2, 1, decode_rows=512).per_rank_bytes
+    kv = 2 * 2 * 512 * 1 * 64 * 64 * 2 + 512 * arch.padded_vocab_size(2) * 16
+    assert est["rollout KV cache"] == kv
+    total = memory.estimate(archs, ("actor",), 2, 2, 4, 64, 2, 1, decode_rows=512).total
+    assert kv > est["activations"] and total == est["weights"] + est["grads+optimizer"] + kv
+    small = memory.estimate(archs, ("actor",), 2, 2, 4, 64, 2, 1, decode_rows=1)
+    assert small.total == est["weights"] + est["grads+optimizer"] + est["activations"]
+
+
 def _with_and_without_offload(mini, out):
     from test_trainer import _train, overrides
 

@@ -1,6 +1,8 @@
 """Generation with a KV cache under TP/PP: equal to HF's greedy generate, to a no-cache recompute,
 and to itself across layouts; eos, lengths and masks; seeded sampling agrees on every rank."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -95,6 +97,7 @@ def _layout(ckpt, tp, pp, eq_eos):
     from gil_megatron.models.llama import LlamaModel
     from gil_megatron.models.weights import arch_of, load_model_weights
     from gil_megatron.rollout import SamplingSettings, generate
+    from gil_megatron.scoring import score_logprobs
 
     layout = distributed.initialize(tp, pp, seed=1)
     arch = arch_of(ckpt)[0]
@@ -123,6 +126,18 @@ def _layout(ckpt, tp, pp, eq_eos):
     r["top_p_tiny"] = run(var, var_lengths, seed=3, top_p=1e-6)[0]
     r["sample_a"], r["gen_state"] = run(var, var_lengths, seed=5, temperature=0.9, top_k=40, top_p=0.9)
     r["sample_b"] = run(var, var_lengths, seed=5, temperature=0.9, top_k=40, top_p=0.9)[0]
+    # the decode step's log-probs of the drawn tokens == a scoring forward's, same draws as without them
+    drawn = run(var, var_lengths, seed=6, temperature=0.9)[0]
+    drawn_eos = int(drawn.sequences[1, var_lengths[1] + 2])  # so that the same draws stop row 1 early
+    settings = SamplingSettings(max_new_tokens=MAX_NEW, pad_token_id=PAD, temperature=0.9, eos_token_id=drawn_eos)
+    with_lp = generate(model, var, var_lengths, settings, torch.Generator().manual_seed(6), return_logprobs=True)
+    without = generate(model, var, var_lengths, settings, torch.Generator().manual_seed(6))
+    r["decode_logprobs"] = (with_lp, without, score_logprobs(model, with_lp.sequences, micro_batch_size=3)[0])
+    # decoding 3 rows at a time (a smaller KV cache): greedy tokens and log-probs unchanged
+    greedy_lp = generate(model, var, var_lengths, dataclasses.replace(settings, greedy=True), return_logprobs=True)
+    chunked = generate(model, var, var_lengths, dataclasses.replace(settings, greedy=True, decode_batch_size=3),
+                       return_logprobs=True)
+    r["chunked"] = (greedy_lp, chunked)
     # near-uniform over the real vocabulary: many draws, none may land in the padded tail
     wide = torch.randint(1, VOCAB, (HOT_ROWS, 4), generator=torch.Generator().manual_seed(2))
     r["hot"] = run(wide, torch.full((HOT_ROWS,), 4), seed=9, temperature=50.0, max_new_tokens=HOT_NEW)[0]
@@ -153,7 +168,8 @@ def _check_masks(batch):
 
 def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
     """Also: the decode path's logits (models/inference.py) equal the training forward's at TP1 and
-    TP2 (fp32), on every rank."""
+    TP2 (fp32), on every rank; the decode step's log-probs of sampled tokens equal a scoring
+    forward's on every layout."""
     from transformers import LlamaForCausalLM
 
     from gil_megatron.models.convert import hf_to_megatron
@@ -214,6 +230,18 @@ def test_generate_matches_hf_no_cache_and_every_layout(tmp_path):
                 _assert_batch_equal(first[key], ref[key], (tp, pp, key))
         for other in results[1:]:
             assert torch.equal(other["gen_state"], first["gen_state"]), (tp, pp, "generator state")
+        for r in results:
+            with_lp, without, scored = r["decode_logprobs"]
+            _assert_batch_equal(with_lp, without, (tp, pp, "return_logprobs changes no draw"))
+            actions = with_lp.response_mask[:, 1:].bool()
+            assert with_lp.logprobs.shape == scored.shape and (with_lp.lengths < var_lengths + MAX_NEW).any()
+            torch.testing.assert_close(with_lp.logprobs[actions], scored[actions], rtol=1e-5, atol=1e-5)
+            assert (with_lp.logprobs[~actions] == 0).all() and (with_lp.logprobs[actions] < 0).all()
+            assert torch.equal(with_lp.logprobs, first["decode_logprobs"][0].logprobs)  # same on every rank
+            whole, chunked = r["chunked"]
+            _assert_batch_equal(chunked, whole, (tp, pp, "decode_batch_size=3"))
+            assert (whole.lengths < var_lengths + MAX_NEW).any() and chunked.logprobs.shape == whole.logprobs.shape
+            torch.testing.assert_close(chunked.logprobs, whole.logprobs, rtol=1e-5, atol=1e-5)
         assert all(r["training_restored"] for r in results)
         hot = first["hot"]
         assert hot.sequences.max() < VOCAB and hot.response_mask.sum() == HOT_ROWS * HOT_NEW
@@ -260,3 +288,18 @@ def test_filter_logits_top_k_top_p():
     freq = torch.bincount(draws, minlength=6).float() / 4000
     assert torch.allclose(freq[:5], torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]), atol=0.03)
 
+
+
+def test_inverse_cdf_draw_hits_each_token_with_its_probability_and_never_a_zero():
+    from gil_megatron.rollout import draw_by_inverse_cdf
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # zeros first, inside and last
+    n = 10_000
+    grid = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).float().unsqueeze(1)  # evenly spaced u
+    edges = torch.tensor([[0.0], [1.0 - 2 ** -24]])  # the smallest and largest float32 torch.rand gives
+    draws = draw_by_inverse_cdf(probs.expand(n + 2, -1), torch.cat([grid, edges]))
+    assert torch.equal(draws[-2:], torch.tensor([1, 4]))
+    freq = torch.bincount(draws[:n], minlength=6).double() / n
+    torch.testing.assert_close(freq, probs.double(), atol=1e-4, rtol=0)
+    # unnormalised rows (what softmax in float32 gives) draw the same
+    assert torch.equal(draw_by_inverse_cdf(3 * probs.expand(n, -1), grid), draws[:n])

@@ -79,6 +79,13 @@ def _layouts_and_algos(mini, out):
         # the registry's other entries are exercised without a trainer in tests/test_objectives.py
         for algo in ("gil", "ppo", "ppo_no_kl", "gil_v1"):
             results[algo] = _train(None, overrides(mini, out / f"tp1_{algo}", algo=algo))
+        # old log-probs rescored vs taken from the decode step: 2 iterations (the second with actor !=
+        # reference) on the gold reward (the fresh reward model's head scores 0)
+        gold = {"models.reward_model": "null", "models.reward_fn": "gil_megatron.miniature.task:gold_reward",
+                "train.iterations": 2}
+        for name, from_decode in (("ppo_rescored", False), ("ppo_decode_logprobs", True)):
+            results[name] = _train(None, overrides(mini, out / f"tp1_{name}", algo="ppo", **gold,
+                                                   **{"rollout.logprobs_from_decode": from_decode}))
         results["kl_in_loss"] = _train(None, overrides(mini, out / "tp1_klloss", **{"ppo.kl_in": "loss", "ppo.target_kl": 0.1}))
         # critic-free, n samples per prompt kept together, KL in the loss
         results["grpo"] = _train(None, overrides(mini, out / "tp1_grpo", algo="grpo",
@@ -109,6 +116,14 @@ def comparable(metrics):
     return {k: v for k, v in metrics.items() if not k.startswith("time/") and not k.startswith("rollout/tokens_per_s")}
 
 
+def assert_metrics_close(a, b):
+    m1, m2 = comparable(a), comparable(b)
+    assert m1.keys() == m2.keys()
+    mismatched = {k: (m1[k], m2[k]) for k in m1 if m1[k] != m2[k] and (not isinstance(m1[k], (int, float)) or
+                  m1[k] != pytest.approx(m2[k], rel=1e-4, abs=1e-5))}
+    assert not mismatched, mismatched
+
+
 REQUIRED_KEYS = ("iteration", "reward/mean", "reward/std", "kl/mean", "kl/coef", "policy/loss", "policy/clipfrac",
                  "policy/entropy", "value/loss", "value/explained_var", "rollout/tokens_per_s", "time/step_s",
                  "gil/r_var", "gil/p_high_mean", "reward/worst_group", "group/0/reward", "group/1/mass",
@@ -118,6 +133,7 @@ REQUIRED_KEYS = ("iteration", "reward/mean", "reward/std", "kl/mean", "kl/coef",
 def test_engine_layouts_resume_and_algos(mini, tmp_path):
     tp1 = spawn(_layouts_and_algos, 1, mini, tmp_path)[0]
     tp2 = spawn(_layouts_and_algos, 2, mini, tmp_path)[0]
+    rescored_runs, decode_runs = tp1.pop("ppo_rescored"), tp1.pop("ppo_decode_logprobs")
 
     # every algo ran and logged the required keys; GIL adds its own
     for algo, lines in tp1.items():
@@ -129,11 +145,11 @@ def test_engine_layouts_resume_and_algos(mini, tmp_path):
     assert tp1["ppo_no_kl"][0]["kl/coef_effective_mean"] == 0.0
 
     # one GIL iteration at TP2 equals TP1: metrics and the updated weights
-    m1, m2 = comparable(tp1["gil"][0]), comparable(tp2["gil"][0])
-    assert m1.keys() == m2.keys()
-    mismatched = {k: (m1[k], m2[k]) for k in m1 if m1[k] != m2[k] and (not isinstance(m1[k], (int, float)) or
-                  m1[k] != pytest.approx(m2[k], rel=1e-4, abs=1e-5))}
-    assert not mismatched, mismatched
+    assert_metrics_close(tp1["gil"][0], tp2["gil"][0])
+    # old log-probs from the decode step instead of a scoring forward: the same iteration
+    for rescored, from_decode in zip(rescored_runs, decode_runs, strict=True):
+        assert rescored["kl/mean"] != 0 or rescored["iteration"] == 1
+        assert_metrics_close(rescored, from_decode)
     w1, w2 = hf_weights(latest_actor(tmp_path / "tp1_gil")), hf_weights(latest_actor(tmp_path / "tp2_gil"))
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name

@@ -433,7 +433,9 @@ def value_loss(
         clipped = old_values + torch.clamp(values - old_values, -clip_eps_value, clip_eps_value)
         vf_loss2 = (clipped - returns).square()
         per_token = 0.5 * torch.maximum(vf_loss1, vf_loss2)
-        clipfrac = masked_mean((vf_loss2 > vf_loss1).to(values.dtype), response_mask)
+        # where the clamp is inactive, clipped == values up to one rounding of old + (V - old): not a clip
+        clipped_active = (values - old_values).abs() > clip_eps_value
+        clipfrac = masked_mean(((vf_loss2 > vf_loss1) & clipped_active).to(values.dtype), response_mask)
     else:
         per_token = 0.5 * vf_loss1
         clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)

@@ -8,7 +8,8 @@
 
 The heads replace GPTModel's vocab projection (``output_layer``) on the last pipeline stage and are
 called through GPTModel's ``output_processor`` hook, so the trunk, TP and PP are megatron's own.
-Layer spec: transformer-engine when importable (GPU), megatron-core's local spec otherwise.
+Layer spec: transformer-engine when importable (GPU), megatron-core's local spec otherwise, its
+core attention extended to packed (thd) input (models/packing.py).
 """
 
 from typing import Optional
@@ -20,6 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from gil_megatron.models.config import ROLES, LayoutError, LlamaArchConfig
+from gil_megatron.models.packing import Packing, PackedDotProductAttention, PackedSegments
 
 try:  # optional GPU accelerator; never required
     import transformer_engine  # noqa: F401
@@ -132,8 +134,7 @@ class LlamaModel(GPTModel):
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         config = config or transformer_config(arch, params_dtype)
-        spec = (get_gpt_layer_with_transformer_engine_spec() if HAVE_TE and torch.cuda.is_available()
-                else get_gpt_layer_local_spec(normalization="RMSNorm"))
+        spec = layer_spec()
         tied = arch.tie_word_embeddings and role == "actor"
         super().__init__(
             config=config,
@@ -159,7 +160,16 @@ class LlamaModel(GPTModel):
         elif post_process and role == "reward":
             self.output_layer = ScalarHead(arch.hidden_size, params_dtype)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                packing: Optional[Packing] = None) -> torch.Tensor:
+        """``packing`` (models/packing.py): run its packed row [1, T] instead of ``input_ids`` and
+        return the last stage's output unpacked to [b, s, ...] (zeros at pad); other stages return
+        hidden states [T, 1, h]."""
+        if packing is not None:
+            output = super().forward(input_ids=packing.input_ids, position_ids=packing.position_ids,
+                                     attention_mask=None, packed_seq_params=packing.params,
+                                     output_processor=self._head)
+            return packing.unpack(output) if self.post_process else output
         if position_ids is None:
             # sequences are right-padded and contiguous (prompt then response): positions 0..s-1
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
@@ -170,6 +180,16 @@ class LlamaModel(GPTModel):
             attention_mask=None,  # causal mask inside attention; right padding needs no other
             output_processor=self._head,
         )
+
+    def _preprocess(self, *args, **kwargs):
+        # Packed input: megatron builds RoPE angles for positions 0..max_seqlen-1; give each packed
+        # token its own (its position within its sequence), which megatron's unfused thd RoPE
+        # applies in one vectorised rotation. TE's fused thd RoPE does this itself.
+        out = super()._preprocess(*args, **kwargs)
+        params = kwargs.get("packed_seq_params")
+        if isinstance(params, PackedSegments) and out[1] is not None and not self.config.apply_rope_fusion:
+            out = (out[0], params.per_token_rotary(out[1])) + tuple(out[2:])
+        return out
 
     def _head(self, hidden_states, output_layer, output_weight, **_):
         # hidden_states: [s, b, h] after the final RMSNorm
@@ -183,6 +203,16 @@ class LlamaModel(GPTModel):
         logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
         logits = mask_padded_vocab(logits, self.arch.vocab_size)
         return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
+
+
+def layer_spec():
+    """transformer-engine's spec on GPU when importable (its attention takes packed thd input);
+    megatron-core's local spec otherwise, with a core attention that also takes packed input."""
+    if HAVE_TE and torch.cuda.is_available():
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def rope_scaling_kwargs(arch: LlamaArchConfig) -> dict:

@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from gil_megatron import collectives
+from gil_megatron.models import packing
 from gil_megatron.models.chunks import model_chunks
 
 LossFn = Callable[[Dict[str, torch.Tensor], torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -61,7 +62,7 @@ def run_microbatches(
     def forward_step(data_iterator, chunk):
         index, batch = next(data_iterator)
         shaped = _fixed_shape(batch, micro_batch_size, seq_length) if interleaved else batch
-        output = chunk(shaped["input_ids"], shaped.get("position_ids"))
+        output = packing.forward_chunk(chunk, shaped)
 
         def loss_func(out):
             b, s = batch["input_ids"].shape
@@ -89,6 +90,8 @@ def _fixed_shape(batch: Dict[str, torch.Tensor], rows: int, columns: int) -> Dic
     repeat the last row, extra columns repeat the last column. Right padding never reaches the real
     positions (causal attention) and rows are independent, so the real outputs are unchanged and
     the loss, which only sees them, gets no gradient from the padding."""
+    if batch.get(packing.PACKING_KEY) is not None:  # config.py refuses this combination up front
+        raise ValueError("packed micro-batches (train.sequence_packing) do not run under parallel.virtual_pp > 1")
     b, s = batch["input_ids"].shape
     if (b, s) == (rows, columns):
         return batch

@@ -310,6 +310,18 @@ def test_value_loss_clipping_hand_numbers():
     assert metrics["value/vf_clipfrac"] == 0
 
 
+def test_value_clipfrac_ignores_rounding_ties():
+    """Inside the clip range old + (V - old) equals V only up to one rounding; such ties are no clip."""
+    g = torch.Generator().manual_seed(0)
+    values = 1e-3 * torch.randn(64, 32, generator=g)
+    old = values + 0.15 * torch.rand(64, 32, generator=g)  # all within clip_eps_value=0.2; old >> V
+    returns = torch.randn(64, 32, generator=g)
+    rounded = old + (values - old)
+    assert ((rounded - returns).square() > (values - returns).square()).any()  # ties really occur
+    _, metrics = ppo.value_loss(values, old, returns, torch.ones(64, 32), clip_eps_value=0.2)
+    assert metrics["value/vf_clipfrac"] == 0
+
+
 def test_explained_variance():
     torch.manual_seed(6)
     ret = torch.randn(3, 5)

@@ -185,6 +185,11 @@ def test_virtual_pp_config_errors():
     with pytest.raises(ConfigError, match="parallel.virtual_pp=0"):
         ParallelConfig(pp=2, virtual_pp=0).validate()
     ParallelConfig(pp=2, virtual_pp=2).validate()
+    from gil_megatron.config import PPOConfig, load_config
+
+    with pytest.raises(ConfigError, match="train.sequence_packing=true does not run with parallel.virtual_pp=2"):
+        load_config(PPOConfig, None, ["models.actor=a", "models.reward_fn=m:f", "data.train_prompts=p",
+                                      "parallel.pp=2", "parallel.virtual_pp=2", "train.sequence_packing=true"])
 
 
 # ---- the PPO/GIL engine with chunk lists -----------------------------------------------------------
