@@ -1,8 +1,9 @@
 """parallel.virtual_pp (megatron's interleaved 1F1B, models/chunks.py): at PP2 with two chunks per
-rank (4 layers) the logits, scoring log-probs, greedy rollout, losses, gradients and weights after
-two optimizer steps equal the plain PP2 schedule's and the single-rank result (fp32), including
-micro-batch counts the interleaved schedule cannot run unpadded; the model directory it writes
-(one stage file per chunk) converts back to the original HF tensors."""
+rank (4 layers) the logits, scoring log-probs, greedy and sampled rollouts, losses, gradients and
+weights after two optimizer steps (with full recomputation) equal the plain PP2 schedule's and the
+single-rank result (fp32), including micro-batch counts and sizes the interleaved schedule cannot
+run unpadded; the model directory it writes (one stage file per chunk) converts back to the
+original HF tensors; a PPO iteration with chunk lists equals plain PP2's (slow)."""
 
 import os
 
@@ -76,7 +77,8 @@ def _layout(ckpt: str, pp: int, vp: int, out_dir: str):
         if layout.pp_rank == 0:
             write_meta(out_dir, model.arch, model.role, 1, model_dir_stages(model))
 
-    trainable = Trainable(model, OptimSettings(lr=1e-2, clip_grad=0.0))
+    # full recomputation under the interleaved schedule: the same math
+    trainable = Trainable(model, OptimSettings(lr=1e-2, clip_grad=0.0), recompute="full" if vp > 1 else "none")
     n_tokens = ids[:, 1:].numel()
 
     def lm_loss(mb, logits):
