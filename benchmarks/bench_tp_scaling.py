@@ -4,7 +4,7 @@ for growing hidden sizes, the two layouts alternating in one run.
 
 The work is bench_vs_trl.py's (64 prompts of 8-24 tokens, 32 new tokens at temperature 0.7, reward
 model + critic + reference, GAE, 1 epoch x 2 mini-batches of 32, fp32, old log-probs from the decode
-step) on a random Llama of vocab 1000, 4 heads / 2 KV heads, intermediate 2 x hidden and --layers
+step, packed sequences) on a random Llama of vocab 1000, 4 heads / 2 KV heads, intermediate 2 x hidden and --layers
 layers, at each --hidden. TP2 adds two all-reduces over gloo per layer per forward (and per decode
 step); the halved matmuls must win that back, which they do only once a layer is big enough.
 Every run does 1 warm-up update plus --updates timed ones in a fresh process (medians).

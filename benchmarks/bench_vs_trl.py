@@ -6,7 +6,8 @@ intermediate 512, 4 layers, 4 heads / 2 kv heads); reward model and critic a
 LlamaForSequenceClassification on the same trunk; 64 prompts of 8-24 tokens per update, 32 new
 tokens at temperature 0.7 (stop at eos); reference log-probs, values and reward scored (the old
 log-probs come from the generation step's logits on both sides: TRL always does this, ours with
-rollout.logprobs_from_decode=true; --old-logprobs rescore runs ours with a scoring forward instead);
+rollout.logprobs_from_decode=true; --old-logprobs rescore runs ours with a scoring forward instead;
+ours packs sequences, train.sequence_packing=true, unless --packing off);
 GAE; 1 epoch x 2 mini-batches of 32; fp32 on CPU; 2 threads (ours also as TP2: two 1-thread ranks). Every run
 does 1 warm-up update plus --updates timed ones in a fresh process; the table gives medians over
 all timed updates of all rounds.
@@ -50,6 +51,8 @@ def parse_args():
     p.add_argument("--venv", default=DEFAULT_VENV, help="TRL's virtual environment (made on first use)")
     p.add_argument("--old-logprobs", choices=("decode", "rescore"), default="decode",
                    help="ours: PPO old log-probs from the decode step (what TRL does) or from a scoring forward")
+    p.add_argument("--packing", choices=("on", "off"), default="on",
+                   help="ours: train.sequence_packing (scoring and training forwards without padding)")
     return p.parse_args()
 
 
@@ -134,7 +137,8 @@ def run_trl(python: str, root: str, updates: int, threads: int) -> list:
              "gc": r.get("gc_s", 0.0)} for r in rows]
 
 
-def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_logprobs: str = "decode") -> list:
+def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_logprobs: str = "decode",
+             packing: bool = True) -> list:
     run_dir = os.path.join(root, f"ours_tp{tp}_{index}")
     argv = [f"run_dir={run_dir}", "algo=ppo", f"parallel.tp={tp}", f"models.actor={root}/ours/policy",
             f"models.reward_model={root}/ours/reward", f"data.train_prompts={root}/prompts.jsonl",
@@ -143,7 +147,8 @@ def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_log
             "ppo.epochs=1", f"ppo.mini_batch_size={BATCH // 2}", f"ppo.micro_batch_size={BATCH // 2}",
             "ppo.kl_coef=0.05", "models.dtype=fp32", f"train.iterations={updates + 1}", "train.save_every=0",
             "checkpoint.resume=none", "logging.progress=false",
-            f"rollout.logprobs_from_decode={str(old_logprobs == 'decode').lower()}"]
+            f"rollout.logprobs_from_decode={str(old_logprobs == 'decode').lower()}",
+            f"train.sequence_packing={str(packing).lower()}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads if tp == 1 else 1), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
                            "-m", "gil_megatron.trainer", *argv], env=env, capture_output=True, text=True)
@@ -172,9 +177,11 @@ def main():
         for r in range(args.rounds):  # alternate, so machine load hits every side alike
             results["TRL 1.12.0 PPO"] += run_trl(python, root, args.updates, args.threads)
             for tp in tps:
-                results[f"ours TP{tp}"] += run_ours(root, args.updates, tp, args.threads, r, args.old_logprobs)
+                results[f"ours TP{tp}"] += run_ours(root, args.updates, tp, args.threads, r, args.old_logprobs,
+                                                    args.packing == "on")
     print(f"work: Llama vocab {VOCAB}, hidden 256, inter 512, 4 layers, 4/2 heads; {BATCH} prompts x {NEW_TOKENS} "
           f"new tokens (T=0.7); ref + value + reward scoring; old log-probs: ours {args.old_logprobs}, TRL decode; "
+          f"ours packing {args.packing}; "
           f"GAE; 1 epoch x 2 mini-batches; fp32; "
           f"{args.threads} threads (TP2: 2 ranks x 1); median of {args.rounds} x {args.updates} updates after warm-up")
     print(f"{'side':<16}{'s/update':>9}{'samples/s':>11}{'generate s':>12}{'score s':>9}{'train s':>9}{'(gc s)':>8}")

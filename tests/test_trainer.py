@@ -22,6 +22,7 @@ def mini(tmp_path_factory):
     from gil_megatron.miniature.prepare import prepare
     from gil_megatron.models.config import LlamaArchConfig
     from gil_megatron.models.convert import save_fresh_model
+    from gil_megatron.models.weights import load_shard, save_shard
 
     root = tmp_path_factory.mktemp("mini")
     data = root / "data"
@@ -33,6 +34,12 @@ def mini(tmp_path_factory):
         save_fresh_model(arch, role, str(root / role), 1, 1, seed=3)
         for f in glob.glob(str(data / "tokenizer" / "*")):
             shutil.copy(f, root / role)
+    # a fresh reward head is zero (every score 0, every advantage ~0): give it random rows so that
+    # the layout and resume comparisons below run on real advantages
+    shard = load_shard(str(root / "reward"), 0, 0)
+    (head,) = [name for name in shard if name.endswith("score.weight")]
+    shard[head] = torch.randn(shard[head].shape, generator=torch.Generator().manual_seed(5)) * 4 / arch.hidden_size**0.5
+    save_shard(str(root / "reward"), 0, 0, shard)
     return root
 
 
@@ -142,6 +149,7 @@ def test_engine_layouts_resume_and_algos(mini, tmp_path):
     missing = [k for k in REQUIRED_KEYS if k not in tp1["gil"][0]]
     assert not missing, missing
     assert "gil/r_var" not in tp1["ppo"][0]
+    assert tp1["gil"][0]["reward/std"] > 0.05  # the reward model really scores (see the fixture)
     assert tp1["ppo_no_kl"][0]["kl/coef_effective_mean"] == 0.0
 
     # one GIL iteration at TP2 equals TP1: metrics and the updated weights
