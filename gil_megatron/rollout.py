@@ -140,17 +140,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, settings: SamplingSettings,
-                  generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Next token per row from full-vocabulary logits [b, V] (-inf entries are never drawn) -> [b]."""
+def sample_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: Optional[torch.Generator],
+                  uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next token per row from full-vocabulary logits [b, V] (-inf entries are never drawn) -> [b].
+    ``uniform`` [b, 1]: the rows' draws, when the caller took them (else drawn here)."""
     logits = logits.float()
     if settings.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
     probs = torch.softmax(logits, dim=-1)
-    # the generator lives on the CPU (its state is checkpointed and identical on every rank)
-    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=generator.device if generator else None)
+    if uniform is None:
+        uniform = draw_uniforms(probs.shape[0], generator)
     return draw_by_inverse_cdf(probs, uniform.to(probs.device))
+
+
+def draw_uniforms(rows: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[rows, 1] uniforms in [0, 1); the generator lives on the CPU (its state is checkpointed and
+    identical on every rank)."""
+    return torch.rand(rows, 1, generator=generator, device=generator.device if generator else None)
 
 
 def draw_by_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -179,6 +186,7 @@ class _StageLink:
         config = model_chunks(model)[0].config
         self.hidden_size = config.hidden_size
         self.dtype = config.pipeline_dtype or config.params_dtype
+        self.sends = []  # (handle, tensor) of this rank's pending non-blocking sends
         if self.pp > 1:
             self.group = parallel_state.get_pipeline_model_parallel_group()
             self.prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()  # a ring: rank 0's is pp-1
@@ -197,8 +205,16 @@ class _StageLink:
             output = decoder.step(input_ids, start, hidden)
             if self.last and v == self.chunks - 1:
                 return output  # [b, V/tp]
-            dist.send(output.contiguous(), dst=self.next_rank, group=self.group)
+            output = output.contiguous()  # kept alive until the send completes
+            self.sends.append((dist.isend(output, dst=self.next_rank, group=self.group), output))
         return None
+
+    def finish_sends(self, keep: int = 0) -> None:
+        """Wait for all but the newest ``keep`` sends. Non-blocking sends let a stage start the next
+        decode group while the next stage has not yet received this one's hidden states."""
+        while len(self.sends) > keep:
+            handle, _ = self.sends.pop(0)
+            handle.wait()
 
     def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pp > 1:
@@ -313,12 +329,27 @@ def _concat(batches, pad_token_id: int) -> RolloutBatch:
                         logprobs=cat("logprobs", 0.0))
 
 
+def decode_groups(pp: int, chunks: int, rows: int) -> int:
+    """Row groups the decode loop pipelines across stages: pp (the fewest that keep every stage
+    busy) under plain pipeline parallelism; 1 with one stage, with virtual-pipeline chunks (the
+    hidden states go round the ring within a step, so a stage cannot run ahead) or too few rows."""
+    return pp if pp > 1 and chunks == 1 and rows >= pp else 1
+
+
 def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: SamplingSettings,
             generator, step_logprobs: Optional[torch.Tensor] = None) -> None:
     """The decode loop: fills ``tokens`` [b, width] (right-padded prompts in, responses appended)
     and ``lengths`` [b] in place, and on the last stage ``step_logprobs`` [b, max_new_tokens]
-    (log-prob of each row's k-th generated token) when given. Internally rows are left-padded so that every prompt ends at the
-    same column: one prefill, then exactly one new token per row per step."""
+    (log-prob of each row's k-th generated token) when given. Internally rows are left-padded so
+    that every prompt ends at the same column: one prefill, then exactly one new token per row per
+    step.
+
+    Under pipeline parallelism (one chunk per rank) the rows decode as ``pp`` groups, so that the
+    stages work on different groups at once: the first stage runs group m+1's step while later
+    stages run group m's, and it receives group m's sampled tokens (a broadcast from the last
+    stage) only when it next needs them, one round of groups later. Every rank runs the same
+    groups' steps and broadcasts in the same order, so the result does not depend on the grouping:
+    each step still draws one uniform per row of the batch, as without groups."""
     b, width = tokens.shape
     max_len = width - settings.max_new_tokens
     arch = getattr(model, "arch", None)
@@ -331,37 +362,62 @@ def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: 
     work[:, :max_len] = torch.where(source >= 0, tokens[:, :max_len].gather(1, source.clamp(min=0)),
                                     settings.pad_token_id)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    decoders = [KVCacheDecoder(chunk, batch_size=b, max_length=width, left_pad=left_pad)
-                for chunk in model_chunks(model)]
-    start = 0
-    for t in range(max_len, width):
-        # feed columns [start, t): the prefill on the first step, then the one new token
-        last_logits = link.forward(decoders, work[:, start:t], start)  # [b, V/tp] on the last stage
-        start = t
+    n_groups = decode_groups(link.pp, link.chunks, b)
+    bounds = torch.linspace(0, b, n_groups + 1).round().long().tolist()
+    groups = [slice(bounds[m], bounds[m + 1]) for m in range(n_groups)]
+    decoders = [[KVCacheDecoder(chunk, batch_size=rows.stop - rows.start, max_length=width, left_pad=left_pad[rows])
+                 for chunk in model_chunks(model)] for rows in groups]
+    lagged = n_groups > 1 and not link.last and link.first  # the first stage takes tokens a round late
+    pending = [None] * n_groups  # lagged: the step whose tokens group m has yet to receive
 
-        if link.last:
-            full_logits = tensor_parallel.gather_from_tensor_model_parallel_region(last_logits)  # [b, V_pad]
-            # drop the padding (its size depends on tp) so the draw is the same for every layout
-            full_logits = full_logits[:, :vocab_size]
-            next_tokens = sample_tokens(full_logits, settings, generator)  # [b]
-            if step_logprobs is not None:  # the scoring path's op on the same vocab shards, at temperature 1
-                step_logprobs[:, t - max_len] = vocab_parallel_logprobs(
-                    last_logits.unsqueeze(1), next_tokens.unsqueeze(1),
-                    tp_group=parallel_state.get_tensor_model_parallel_group())[0].squeeze(1)
-        else:
-            next_tokens = torch.empty(b, dtype=torch.long, device=device)
+    def receive_tokens(rows: slice, t: int, next_tokens: Optional[torch.Tensor]) -> None:
+        """Group ``rows``' tokens of step ``t`` from the last stage; update the rows' state."""
+        if next_tokens is None:
+            next_tokens = torch.empty(rows.stop - rows.start, dtype=torch.long, device=device)
         next_tokens = link.broadcast_tokens(next_tokens)
-
-        generated = ~done
-        next_tokens = torch.where(done, settings.pad_token_id, next_tokens)
-        work[:, t] = next_tokens
-        lengths += generated.long()
-        stop = (lengths - prompt_lengths) >= settings.max_new_tokens
+        row_done = done[rows]
+        next_tokens = torch.where(row_done, settings.pad_token_id, next_tokens)
+        work[rows, t] = next_tokens
+        lengths[rows] += (~row_done).long()
+        stop = (lengths[rows] - prompt_lengths[rows]) >= settings.max_new_tokens
         if eos is not None:
             stop |= next_tokens == eos
-        done |= generated & stop
-        if bool(done.all()):  # host sync; every rank holds the same tokens, so all ranks agree
+        done[rows] |= ~row_done & stop
+
+    for t in range(max_len, width):
+        # one uniform per row per step while any row runs (only the last stage samples)
+        uniform = draw_uniforms(b, generator) if link.last and not settings.greedy else None
+        for m, rows in enumerate(groups):
+            if pending[m] is not None:
+                receive_tokens(rows, pending[m], None)
+                pending[m] = None
+            if bool(done[rows].all()):  # host sync; every rank holds the same tokens, so all agree
+                continue
+            # feed columns [start, t): the prefill on the first step, then the one new token
+            start = 0 if t == max_len else t - 1
+            last_logits = link.forward(decoders[m], work[rows, start:t], start)  # [rows, V/tp] on the last stage
+            next_tokens = None
+            if link.last:
+                full_logits = tensor_parallel.gather_from_tensor_model_parallel_region(last_logits)  # [rows, V_pad]
+                # drop the padding (its size depends on tp) so the draw is the same for every layout
+                full_logits = full_logits[:, :vocab_size]
+                next_tokens = sample_tokens(full_logits, settings, generator,
+                                            None if uniform is None else uniform[rows])
+                if step_logprobs is not None:  # the scoring path's op on the same vocab shards, at temperature 1
+                    step_logprobs[rows, t - max_len] = vocab_parallel_logprobs(
+                        last_logits.unsqueeze(1), next_tokens.unsqueeze(1),
+                        tp_group=parallel_state.get_tensor_model_parallel_group())[0].squeeze(1)
+            if lagged:
+                pending[m] = t
+            else:
+                receive_tokens(rows, t, next_tokens)
+        link.finish_sends(keep=n_groups * link.chunks)  # the previous step's sends have been received
+        if bool(done.all()) and not any(p is not None for p in pending):
             break
+    for m, rows in enumerate(groups):  # lagged: the last round's tokens
+        if pending[m] is not None:
+            receive_tokens(rows, pending[m], None)
+    link.finish_sends()
     # back to the right-padded layout: row i's k-th response token goes to column prompt_length + k
     k = torch.arange(settings.max_new_tokens, device=device)
     rows, ks = (k.unsqueeze(0) < (lengths - prompt_lengths).unsqueeze(1)).nonzero(as_tuple=True)
