@@ -182,13 +182,16 @@ class LlamaModel(GPTModel):
         )
 
     def _preprocess(self, *args, **kwargs):
-        # Packed input: megatron builds RoPE angles for positions 0..max_seqlen-1; give each packed
-        # token its own (its position within its sequence), which megatron's unfused thd RoPE
-        # applies in one vectorised rotation. TE's fused thd RoPE does this itself.
+        # Packed input on the local spec: megatron's own thd RoPE rotates sequence by sequence (a
+        # Python loop with a host sync per sequence, per layer, for queries and keys: a fifth of a
+        # packed PPO step on CPU). Our core attention rotates instead, in one pass over the row with
+        # each token's own angles; megatron's attention then gets no angles and skips RoPE.
+        # transformer-engine's attention and fused RoPE take thd themselves: untouched.
         out = super()._preprocess(*args, **kwargs)
         params = kwargs.get("packed_seq_params")
-        if isinstance(params, PackedSegments) and out[1] is not None and not self.config.apply_rope_fusion:
-            out = (out[0], params.per_token_rotary(out[1])) + tuple(out[2:])
+        if isinstance(params, PackedSegments) and out[1] is not None and not self.using_te:
+            params.rotary = params.per_token_rotary(out[1])
+            out = (out[0], None) + tuple(out[2:])
         return out
 
     def _head(self, hidden_states, output_layer, output_weight, **_):
