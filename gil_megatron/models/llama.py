@@ -183,9 +183,9 @@ class LlamaModel(GPTModel):
 
     def _preprocess(self, *args, **kwargs):
         # Packed input on the local spec: megatron's own thd RoPE rotates sequence by sequence (a
-        # Python loop with a host sync per sequence, per layer, for queries and keys: a fifth of a
-        # packed PPO step on CPU). Our core attention rotates instead, in one pass over the row with
-        # each token's own angles; megatron's attention then gets no angles and skips RoPE.
+        # Python loop with a host sync per sequence, per layer, for queries and keys). Our core
+        # attention rotates instead, in one pass over the row with each token's own angles;
+        # megatron's attention then gets no angles and skips RoPE.
         # transformer-engine's attention and fused RoPE take thd themselves: untouched.
         out = super()._preprocess(*args, **kwargs)
         params = kwargs.get("packed_seq_params")
