@@ -216,12 +216,8 @@ class _StageLink:
             handle, _ = self.sends.pop(0)
             handle.wait()
 
-    def broadcast_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.pp > 1:
-            collectives.broadcast(tokens, self.last_rank, self.group)
-        return tokens
-
     def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last stage's ``tensor`` (sampled tokens, log-probs) on every stage, in place."""
         if self.pp > 1:
             collectives.broadcast(tensor, self.last_rank, self.group)
         return tensor
@@ -305,8 +301,7 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_lengths: t
     if return_logprobs:
         # response token k of row i sits at column p_i + k: action index p_i + k - 1
         step_logprobs = link.broadcast_from_last(step_logprobs)
-        k = torch.arange(settings.max_new_tokens, device=device)
-        rows, ks = (k.unsqueeze(0) < (lengths - prompt_lengths).unsqueeze(1)).nonzero(as_tuple=True)
+        rows, ks = _generated(lengths - prompt_lengths, settings.max_new_tokens)
         logprobs = torch.zeros(b, s - 1, device=device)
         logprobs[rows, prompt_lengths[rows] + ks - 1] = step_logprobs[rows, ks]
     return RolloutBatch(sequences=sequences, prompt_lengths=prompt_lengths.clone(), lengths=lengths.clone(),
@@ -374,7 +369,7 @@ def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: 
         """Group ``rows``' tokens of step ``t`` from the last stage; update the rows' state."""
         if next_tokens is None:
             next_tokens = torch.empty(rows.stop - rows.start, dtype=torch.long, device=device)
-        next_tokens = link.broadcast_tokens(next_tokens)
+        next_tokens = link.broadcast_from_last(next_tokens)
         row_done = done[rows]
         next_tokens = torch.where(row_done, settings.pad_token_id, next_tokens)
         work[rows, t] = next_tokens
@@ -419,9 +414,14 @@ def _decode(model, link: _StageLink, tokens, prompt_lengths, lengths, settings: 
             receive_tokens(rows, pending[m], None)
     link.finish_sends()
     # back to the right-padded layout: row i's k-th response token goes to column prompt_length + k
-    k = torch.arange(settings.max_new_tokens, device=device)
-    rows, ks = (k.unsqueeze(0) < (lengths - prompt_lengths).unsqueeze(1)).nonzero(as_tuple=True)
+    rows, ks = _generated(lengths - prompt_lengths, settings.max_new_tokens)
     tokens[rows, prompt_lengths[rows] + ks] = work[rows, max_len + ks]
+
+
+def _generated(response_lengths: torch.Tensor, max_new_tokens: int):
+    """(row, k) of every generated token: k < the row's response length. Two [n] index tensors."""
+    k = torch.arange(max_new_tokens, device=response_lengths.device)
+    return (k.unsqueeze(0) < response_lengths.unsqueeze(1)).nonzero(as_tuple=True)
 
 
 def decode_rollout(tokenizer, rollout: RolloutBatch):
