@@ -163,7 +163,7 @@ def draw_uniforms(rows: int, generator: Optional[torch.Generator]) -> torch.Tens
 def draw_by_inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One draw per row of ``probs`` [b, V] (unnormalised is fine) from ``uniform`` [b, 1] in [0, 1):
     the first index whose cumulative mass exceeds u * total. torch.multinomial does the same job
-    but took 2 ms per step for [64, 1000] on CPU (a sixth of a decode step), this 0.1 ms. In float64,
+    but is ~18x slower on CPU for [64, 1000] (benchmarks/bench_sampling.py). In float64,
     u < 1 gives u * total < total, so the index is always < V, and c[j-1] <= u * total < c[j] means
     p_j > 0: a zero-probability token is never drawn."""
     cumulative = probs.double().cumsum(dim=-1)
