@@ -137,10 +137,10 @@ def run_trl(python: str, root: str, updates: int, threads: int) -> list:
              "gc": r.get("gc_s", 0.0)} for r in rows]
 
 
-def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_logprobs: str = "decode",
-             packing: bool = True) -> list:
-    run_dir = os.path.join(root, f"ours_tp{tp}_{index}")
-    argv = [f"run_dir={run_dir}", "algo=ppo", f"parallel.tp={tp}", f"models.actor={root}/ours/policy",
+def ours_argv(root: str, run_dir: str, updates: int, tp: int = 1, old_logprobs: str = "decode",
+              packing: bool = True) -> list:
+    """Our trainer's overrides for the work (1 warm-up + ``updates`` iterations)."""
+    return [f"run_dir={run_dir}", "algo=ppo", f"parallel.tp={tp}", f"models.actor={root}/ours/policy",
             f"models.reward_model={root}/ours/reward", f"data.train_prompts={root}/prompts.jsonl",
             "data.max_prompt_length=32", f"rollout.batch_size={BATCH}", f"rollout.max_new_tokens={NEW_TOKENS}",
             "rollout.temperature=0.7", f"rollout.micro_batch_size={BATCH // tp if tp > 1 else BATCH}",
@@ -149,6 +149,12 @@ def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_log
             "checkpoint.resume=none", "logging.progress=false",
             f"rollout.logprobs_from_decode={str(old_logprobs == 'decode').lower()}",
             f"train.sequence_packing={str(packing).lower()}"]
+
+
+def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_logprobs: str = "decode",
+             packing: bool = True) -> list:
+    run_dir = os.path.join(root, f"ours_tp{tp}_{index}")
+    argv = ours_argv(root, run_dir, updates, tp, old_logprobs, packing)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads if tp == 1 else 1), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
                            "-m", "gil_megatron.trainer", *argv], env=env, capture_output=True, text=True)

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from torch.profiler import record_function
 
 from gil_megatron import checkpoint as ckpt
 from gil_megatron import collectives, distributed, loop, memory, objectives
@@ -236,19 +237,28 @@ class PPOTrainer:
         return metrics
 
     def iterate(self) -> Dict[str, float]:
+        # the named ranges show the phases in torch.profiler traces (benchmarks/profile_ppo_step.py)
+        with record_function("gil_megatron/iteration"):
+            return self._iterate()
+
+    def _iterate(self) -> Dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch, rollout = self.rollout()
+        with record_function("gil_megatron/generate"):
+            batch, rollout = self.rollout()
         t_gen = time.perf_counter()
-        local = self.score(batch, rollout)
-        local["known_group"] = torch.tensor([self._known_group_id(g) for g in batch.groups])
-        local["oracle_group"] = torch.tensor([self._oracle_group_id(g) for g in batch.groups])
-        # a global id per prompt (unique across DP ranks): its n samples share it
-        n = self.cfg.rollout.n_samples_per_prompt
-        local["prompt_index"] = (torch.arange(len(batch)) // n) * self.dp + self.layout.dp_rank
+        with record_function("gil_megatron/score"):
+            local = self.score(batch, rollout)
+            local["known_group"] = torch.tensor([self._known_group_id(g) for g in batch.groups])
+            local["oracle_group"] = torch.tensor([self._oracle_group_id(g) for g in batch.groups])
+            # a global id per prompt (unique across DP ranks): its n samples share it
+            n = self.cfg.rollout.n_samples_per_prompt
+            local["prompt_index"] = (torch.arange(len(batch)) // n) * self.dp + self.layout.dp_rank
         t_score = time.perf_counter()
-        full = self.experience(local)
-        steps = self.update(full)
+        with record_function("gil_megatron/experience"):
+            full = self.experience(local)
+        with record_function("gil_megatron/update"):
+            steps = self.update(full)
         t_train = time.perf_counter()
         metrics = self._iteration_metrics(full, steps)
         n_tokens = float(full["action_mask"].sum())
