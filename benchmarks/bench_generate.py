@@ -57,22 +57,15 @@ def best_times(fns, repeats):
     return best, best_cpu, outs
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gil_megatron import distributed
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(distributed.free_port()))
     from gil_megatron.models.convert import hf_to_megatron
     from gil_megatron.models.llama import LlamaModel
     from gil_megatron.models.weights import arch_of, load_model_weights

@@ -22,7 +22,6 @@ The last line is the step-time ratio padded / packed (> 1: packing is faster).
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -92,10 +91,9 @@ def experience(seqs, lengths, prompt, seed):
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
     from gil_megatron import distributed, objectives
+
+    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     from gil_megatron.config import PPOConfig
     from gil_megatron.models.llama import score_at_last, split_critic_output
     from gil_megatron.optim import OptimSettings, Trainable

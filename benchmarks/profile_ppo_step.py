@@ -90,11 +90,10 @@ def main():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_generate import free_port
     from bench_vs_trl import make_work, ours_argv
-    from gil_megatron import trainer
+    from gil_megatron import distributed, trainer
 
-    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ["MASTER_PORT"] = str(distributed.free_port())
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as root:
         make_work(root, args.updates)

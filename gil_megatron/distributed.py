@@ -9,6 +9,7 @@ after tensor x pipeline: dp = world / (tp * pp).
 import datetime
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,14 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def free_port() -> int:
+    """A free TCP port on this host: MASTER_PORT for a run started without torchrun (a tool, a
+    benchmark, a test's spawned ranks), so that it never collides with another job."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_layout(world_size: int, tp: int, pp: int) -> None:

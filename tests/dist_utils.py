@@ -1,18 +1,11 @@
 """Spawn gloo process groups from pytest: one thread per rank, results returned to the test."""
 
 import os
-import socket
 import tempfile
 from typing import Any, Callable, List
 
 import torch
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
@@ -33,8 +26,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 def spawn(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     """Run ``fn(*args)`` on ``world_size`` ranks (env set as torchrun would); return each rank's
     result. ``fn`` must be importable (a module-level function) and call distributed.initialize."""
+    from gil_megatron import distributed
+
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir),
+        mp.start_processes(_worker, args=(world_size, distributed.free_port(), fn, args, out_dir),
                            nprocs=world_size, join=True, start_method="spawn")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 

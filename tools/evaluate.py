@@ -178,14 +178,6 @@ def _find_tokenizer(dirs):
                             "pass --tokenizer DIR (e.g. the SFT model directory)")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv=None):
     args = parse_args(argv)
     s = resolve(args)  # every input checked before the heavy imports and the process group
@@ -201,7 +193,7 @@ def main(argv=None):
     from gil_megatron.scoring import RewardFunction
 
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())  # single process: never collide with another job
+        os.environ["MASTER_PORT"] = str(distributed.free_port())  # single process: never collide with another job
     layout = distributed.initialize(s["tp"], s["pp"], seed=args.seed)
     dtype = resolve_dtype(s["dtype"])
     tokenizer = load_tokenizer(s["tokenizer"])
