@@ -96,6 +96,7 @@ def main():
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     from gil_megatron.config import PPOConfig
     from gil_megatron.models.llama import score_at_last, split_critic_output
+    from gil_megatron.models.packing import PACKING_KEY
     from gil_megatron.optim import OptimSettings, Trainable
     from gil_megatron.scoring import (action_logprobs, microbatches_of, score_critic, score_logprobs,
                                       score_reward_model)
@@ -109,7 +110,7 @@ def main():
     norm = full["action_mask"].sum() / 2
 
     def actor_loss(mb, logits):
-        logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
+        logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True, packing=mb.get(PACKING_KEY))
         return objectives.actor_loss(mb, logprobs, entropy, params, norm)
 
     def critic_loss(mb, out):

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from gil_megatron import collectives
 from gil_megatron.models.llama import score_at_last, split_critic_output
-from gil_megatron.models.packing import pack_microbatches
+from gil_megatron.models.packing import PACKING_KEY, Packing, pack_microbatches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
 from gil_megatron.ops.logprob import vocab_parallel_logprobs
 
@@ -35,14 +35,22 @@ def microbatches_of(sequences: torch.Tensor, size: int, packed_lengths: Optional
     return out
 
 
-def action_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, with_entropy: bool = False):
+def action_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, with_entropy: bool = False,
+                    packing: Optional[Packing] = None):
     """Vocab-parallel logits [b, s, V/tp] -> (log-probs, entropy or None) of tokens 1..s-1: [b, s-1];
     position t holds log p(input_ids[t+1] | input_ids[<=t]). The one log-prob helper: scoring, the
-    PPO policy loss and the SFT / DPO stages call it; only per-token scalars cross the TP group."""
-    return vocab_parallel_logprobs(
-        logits[:, :-1], input_ids[:, 1:], tp_group=parallel_state.get_tensor_model_parallel_group(),
-        compute_entropy=with_entropy,
-    )
+    PPO policy loss and the SFT / DPO stages call it; only per-token scalars cross the TP group.
+    ``packing``: the micro-batch ran packed and ``logits`` are the packed row's [1, T, V/tp]; the
+    result has the same [b, s-1] layout, zeros where a row has no action."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    if packing is None:
+        if logits.shape[:2] != input_ids.shape:
+            raise ValueError(f"action_logprobs: logits {tuple(logits.shape)} do not match input_ids "
+                             f"{tuple(input_ids.shape)}; packed logits [1, T, V] need packing=<the micro-batch's Packing>")
+        return vocab_parallel_logprobs(logits[:, :-1], input_ids[:, 1:], tp_group=group, compute_entropy=with_entropy)
+    logprobs, entropy = vocab_parallel_logprobs(logits[0, :-1], packing.input_ids[0, 1:], tp_group=group,
+                                                compute_entropy=with_entropy)
+    return packing.unpack_actions(logprobs), packing.unpack_actions(entropy) if with_entropy else None
 
 
 def _forward_collect(model, microbatches: List[dict], fn: Callable[[dict, torch.Tensor], List[torch.Tensor]]):
@@ -65,10 +73,9 @@ def score_logprobs(model, sequences: torch.Tensor, micro_batch_size: int, with_e
                    packed_lengths: Optional[torch.Tensor] = None):
     """Per-action log-probs [b, s-1] (and entropy) under ``model`` (actor or reference).
     ``packed_lengths`` (every function here): run packed, see microbatches_of; the values at
-    pad positions then come from zero logits (uniform), where padded runs leave garbage: both are
-    off every mask."""
+    pad positions are then zeros, where padded runs leave garbage: both are off every mask."""
     def fn(batch, logits):
-        logprobs, entropy = action_logprobs(logits, batch["input_ids"], with_entropy)
+        logprobs, entropy = action_logprobs(logits, batch["input_ids"], with_entropy, batch.get(PACKING_KEY))
         return [logprobs] + ([entropy] if with_entropy else [])
 
     out = _forward_collect(model, microbatches_of(sequences, micro_batch_size, packed_lengths), fn)

@@ -34,6 +34,7 @@ from gil_megatron.loop import NonFiniteError
 from gil_megatron.metrics import loss_normalizer, means, metric_sum, reduce_sums
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.llama import score_at_last, split_critic_output
+from gil_megatron.models.packing import PACKING_KEY
 from gil_megatron.models.weights import arch_of
 from gil_megatron.offload import FrozenOffload, device_offloaded
 from gil_megatron.optim import Trainable
@@ -220,7 +221,7 @@ class PPOTrainer:
                                    loss_units(mb["action_mask"], "token_mean"))
 
         def actor_loss(mb, logits):
-            logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
+            logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True, packing=mb.get(PACKING_KEY))
             loss, metrics = objectives.actor_loss(mb, logprobs, entropy, params, normalizer)
             return loss, step_sums(metrics, NORMALIZED_ACTOR_METRICS, normalizer, loss_units(mb["action_mask"], mode))
 

@@ -162,14 +162,15 @@ class LlamaModel(GPTModel):
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 packing: Optional[Packing] = None) -> torch.Tensor:
-        """``packing`` (models/packing.py): run its packed row [1, T] instead of ``input_ids`` and
-        return the last stage's output unpacked to [b, s, ...] (zeros at pad); other stages return
-        hidden states [T, 1, h]."""
+        """``packing`` (models/packing.py): run its packed row [1, T] instead of ``input_ids``. The
+        last stage returns the critic's and reward model's outputs unpacked to [b, s, ...] (zeros at
+        pad) and the actor's logits still packed, [1, T, V/tp] (scoring.action_logprobs takes them
+        with the Packing); other stages return hidden states [T, 1, h]."""
         if packing is not None:
             output = super().forward(input_ids=packing.input_ids, position_ids=packing.position_ids,
                                      attention_mask=None, packed_seq_params=packing.params,
                                      output_processor=self._head)
-            return packing.unpack(output) if self.post_process else output
+            return packing.unpack(output) if self.post_process and self.role != "actor" else output
         if position_ids is None:
             # sequences are right-padded and contiguous (prompt then response): positions 0..s-1
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
@@ -254,9 +255,10 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     start = tp_rank * shard
     if start + shard <= vocab_size:
         return logits
-    n_real = max(vocab_size - start, 0)
-    pad = torch.full_like(logits[..., n_real:], float("-inf"))
-    return torch.cat([logits[..., :n_real], pad], dim=-1)
+    # in place: a copy of the whole logits tensor would cost more than the projection's output is
+    # worth keeping, and the projection's backward reads its input and weight, never its output
+    logits[..., max(vocab_size - start, 0):] = float("-inf")
+    return logits
 
 
 def split_critic_output(out: torch.Tensor):

@@ -4,7 +4,10 @@ A right-padded micro-batch ``input_ids`` [b, s] with real lengths [b] becomes on
 T = sum(lengths) (rounded up to a multiple of the TP size with a filler segment), described to
 megatron-core by ``PackedSeqParams`` in the ``thd`` layout (cu_seqlens = segment boundaries).
 Every layer then works on T tokens instead of b * s. The last pipeline stage's output is unpacked
-back to [b, s, ...] with zeros at the pad positions, so losses and scorers never see packing.
+back to [b, s, ...] with zeros at the pad positions, so losses and scorers never see packing, except
+for the language-model head: its vocab-sized logits stay packed [1, T, V/tp] (padding them back would
+copy the largest tensor of the step into b * s rows), and ``scoring.action_logprobs`` unpacks the
+per-token log-probs computed from them instead (``Packing.unpack_actions``).
 
 What each piece does:
 - ``pack`` builds a ``Packing`` (the packed row, its segments, the way back) from CPU lengths, once
@@ -69,6 +72,8 @@ class Packing:
     params: PackedSegments
     index: torch.Tensor  # [n_real] flat index in [b * s] of each real token, in row order
     shape: Tuple[int, int]  # (b, s) of the padded micro-batch
+    action_src: torch.Tensor  # [n_actions] packed positions t whose token t+1 is in the same sequence
+    action_dst: torch.Tensor  # [n_actions] their flat index in [b * (s-1)] (action axis: t predicts t+1)
 
     def unpack(self, output: torch.Tensor) -> torch.Tensor:
         """Last-stage output [1, T, ...] -> [b, s, ...] with zeros at pad positions (differentiable)."""
@@ -76,6 +81,14 @@ class Packing:
         real = output[0, :self.index.numel()]
         padded = real.new_zeros((b * s,) + tuple(real.shape[1:]))
         return padded.index_copy(0, self.index, real).view(b, s, *real.shape[1:])
+
+    def unpack_actions(self, per_position: torch.Tensor) -> torch.Tensor:
+        """Per-position values of the packed row's next-token predictions [T-1] (position t scores
+        token t+1) -> the action axis [b, s-1] with zeros where row i has no action (differentiable).
+        Predictions across a sequence boundary are dropped."""
+        b, s = self.shape
+        actions = per_position.new_zeros(b * (s - 1))
+        return actions.index_copy(0, self.action_dst, per_position.index_select(0, self.action_src)).view(b, s - 1)
 
 
 def pack(input_ids: torch.Tensor, lengths: torch.Tensor, multiple_of: int = 1,
@@ -95,6 +108,9 @@ def pack(input_ids: torch.Tensor, lengths: torch.Tensor, multiple_of: int = 1,
     positions = torch.arange(total) - torch.repeat_interleave(starts, seg_lengths)
     rows = torch.repeat_interleave(torch.arange(b), lengths)
     index = rows * s + positions[:n_real]  # flat [b * s] position of each real token
+    has_action = positions[:n_real] < lengths[rows] - 1  # not the last token of its sequence
+    action_src = has_action.nonzero().squeeze(1)
+    action_dst = rows[has_action] * (s - 1) + positions[:n_real][has_action]
     buckets, order = _buckets(starts, seg_lengths, bucket_ratio)
     inverse = torch.empty(total, dtype=torch.long)
     inverse[order] = torch.arange(total)
@@ -109,7 +125,7 @@ def pack(input_ids: torch.Tensor, lengths: torch.Tensor, multiple_of: int = 1,
         max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
         positions=to(positions), buckets=[(to(g), to(k)) for g, k in buckets], inverse=to(inverse))
     return Packing(input_ids=packed_ids.unsqueeze(0), position_ids=to(positions).unsqueeze(0), params=params,
-                   index=to(index), shape=(b, s))
+                   index=to(index), shape=(b, s), action_src=to(action_src), action_dst=to(action_dst))
 
 
 def _buckets(starts: torch.Tensor, seg_lengths: torch.Tensor, ratio: float):
@@ -151,6 +167,7 @@ def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
                                              enable_gqa=gqa)
         outs.append(out.transpose(1, 2).reshape(n * m, *query.shape[1:]).index_select(0, keep))
     return torch.cat(outs).index_select(0, params.inverse)
+
 
 
 class PackedDotProductAttention(DotProductAttention):

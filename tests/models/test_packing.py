@@ -39,6 +39,11 @@ def test_pack_bookkeeping_and_unpack():
     assert unpacked.shape == (4, 6, 3)
     real = torch.arange(6)[None] < torch.tensor([5, 1, 3, 2])[:, None]
     assert torch.equal(unpacked[real], out[0, :11]) and torch.all(unpacked[~real] == 0)
+    # next-token values of the packed row (position t scores token t+1) on the action axis [b, s-1]:
+    # each row's own predictions only; the last token of a row and the filler predict nothing
+    per_position = torch.arange(1.0, 12.0)  # packed positions 0..10 of T = 12
+    actions = p.unpack_actions(per_position)
+    assert actions.tolist() == [[1, 2, 3, 4, 0], [0, 0, 0, 0, 0], [7, 8, 0, 0, 0], [10, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match=r"lengths must be \[b\] = \[4\] with values in \[1, 6\]"):
         pack(ids, torch.tensor([6, 0, 3, 2]))
 
@@ -129,6 +134,7 @@ def _one_layout(tp, pp, cases):
     from gil_megatron.config import PPOConfig
     from gil_megatron.models.config import LlamaArchConfig
     from gil_megatron.models.llama import LlamaModel, score_at_last, split_critic_output
+    from gil_megatron.models.packing import PACKING_KEY
     from gil_megatron.models.pipeline import broadcast_from_last_stage
     from gil_megatron.optim import OptimSettings, Trainable, main_grads
     from gil_megatron.scoring import (action_logprobs, microbatches_of, score_critic, score_logprobs,
@@ -146,7 +152,7 @@ def _one_layout(tp, pp, cases):
     params = dataclasses.replace(objectives.params_from_config(PPOConfig()), kl_in="loss", entropy_coef=0.01)
 
     def actor_loss(mb, logits):
-        logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True)
+        logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True, packing=mb.get(PACKING_KEY))
         return objectives.actor_loss(mb, logprobs, entropy, params, normalizer=torch.tensor(20.0))
 
     def critic_loss(mb, out):
@@ -198,6 +204,8 @@ def test_packed_equals_padded_at_tp1_tp2_pp2():
                 for key in ("logprobs", "entropy"):
                     torch.testing.assert_close(packed[key][real_actions], padded[key][real_actions], atol=ATOL,
                                                rtol=0, msg=lambda m: f"{what} {key}: {m}")
+                # the packed log-probs came from the packed logits: zero where a row has no action
+                assert torch.all(packed["logprobs"][~real_actions] == 0), what
                 real_positions = pos < lengths[:, None]
                 torch.testing.assert_close(packed["values"][real_positions], padded["values"][real_positions],
                                            atol=ATOL, rtol=0, msg=lambda m: f"{what} values: {m}")

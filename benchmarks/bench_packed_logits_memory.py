@@ -1,0 +1,106 @@
+"""Packed training forward: peak memory of the actor's log-prob step with the logits left packed
+(ours: scoring.action_logprobs on the packed row, Packing.unpack_actions on per-token scalars) vs
+unpacked first to the padded [b, s, V] layout (what the packed path did before), side by side.
+
+What it measures: the growth of the process's peak resident memory (ru_maxrss) over one forward +
+backward of the actor (log-probs and entropy of every action, summed) on one training micro-batch,
+each mode in a fresh process, alternating. Both modes give the same log-probs and gradients
+(tests/models/test_packing.py checks packed against padded); only the memory differs.
+
+The work: bench_vs_trl.py's model (hidden 256, intermediate 512, 4 layers, 4 heads / 2 kv heads) with
+a --vocab-sized vocabulary (Llama-2's 32000 by default: the logits then dominate), fp32, TP1, one
+micro-batch of 32 rows of bench_packing.py's skewed lengths (prompt 8-24, long-tailed responses).
+
+Hardware: any CPU (the numbers in the README came from the 2-core development VM). Not part of CI.
+Command:  python benchmarks/bench_packed_logits_memory.py [--vocab 32000 --rounds 2]
+The last line is the ratio of the peak-memory growth, unpacked / packed (> 1: packed saves memory).
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ROWS = 32  # bench_vs_trl.py's training micro-batch
+MODES = ("unpacked", "packed")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per mode, the modes alternating")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def child(args) -> None:
+    """One mode in this process: print the peak-memory growth (MiB) and the batch's token counts."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bench_packing import skewed_batch
+
+    from gil_megatron import distributed
+    from gil_megatron.models.config import LlamaArchConfig
+    from gil_megatron.models.llama import LlamaModel
+    from gil_megatron.models.packing import pack
+    from gil_megatron.scoring import action_logprobs
+
+    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
+    distributed.initialize(seed=args.seed)
+    arch = LlamaArchConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=512, num_layers=4,
+                           num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    actor = LlamaModel(arch, "actor")
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.dim() == 1 else 0.0))
+    seqs, lengths, _ = skewed_batch(args.seed, mean_response=6.0)
+    seqs, lengths = seqs[:ROWS, :int(lengths[:ROWS].max())], lengths[:ROWS]
+    packing = pack(seqs, lengths)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    logits = actor(seqs, packing=packing)  # [1, T, V]
+    if args.child == "unpacked":
+        logprobs, entropy = action_logprobs(packing.unpack(logits), seqs, with_entropy=True)
+    else:
+        logprobs, entropy = action_logprobs(logits, seqs, with_entropy=True, packing=packing)
+    (logprobs.sum() + entropy.sum()).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{(after - before) / 1024:.1f} {int(lengths.sum())} {seqs.numel()}")
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child(args)
+    growth = {m: [] for m in MODES}
+    tokens = slots = None
+    for _ in range(args.rounds):
+        for mode in MODES:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--vocab", str(args.vocab),
+                                   "--threads", str(args.threads), "--seed", str(args.seed)],
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+            mib, tokens, slots = proc.stdout.split()[-3:]
+            growth[mode].append(float(mib))
+    print(f"work: vocab {args.vocab}, hidden 256, 4 layers; one micro-batch of {ROWS} rows: {tokens} real tokens in "
+          f"{slots} padded slots; actor forward + backward of log-probs and entropy; fp32, TP1; median of {args.rounds}")
+    print(f"{'logits':<10} {'peak memory growth MiB':>24}")
+    med = {m: statistics.median(growth[m]) for m in MODES}
+    for mode in MODES:
+        print(f"{mode:<10} {med[mode]:>24.1f}")
+    print(f"ratio unpacked / packed peak memory growth: {med['unpacked'] / med['packed']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
