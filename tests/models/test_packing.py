@@ -25,6 +25,7 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 2 ranks: TP1 runs as two data-
 # ---- bookkeeping and attention, one process ------------------------------------------------------
 def test_pack_bookkeeping_and_unpack():
     from gil_megatron.models.packing import pack
+    from gil_megatron.scoring import action_logprobs
 
     ids = torch.arange(4 * 6).reshape(4, 6) + 1
     lengths = torch.tensor([6, 1, 3, 2])
@@ -46,6 +47,9 @@ def test_pack_bookkeeping_and_unpack():
     assert actions.tolist() == [[1, 2, 3, 4, 0], [0, 0, 0, 0, 0], [7, 8, 0, 0, 0], [10, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match=r"lengths must be \[b\] = \[4\] with values in \[1, 6\]"):
         pack(ids, torch.tensor([6, 0, 3, 2]))
+    # packed logits given without their Packing: one clear line, not a wrong answer
+    with pytest.raises(ValueError, match=r"logits \(1, 12, 7\) do not match input_ids \(4, 6\); packed logits"):
+        action_logprobs(torch.randn(1, 12, 7), ids)
 
 
 def naive_segment_attention(q, k, v, lengths, scale):
