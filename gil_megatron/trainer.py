@@ -221,7 +221,8 @@ class PPOTrainer:
                                    loss_units(mb["action_mask"], "token_mean"))
 
         def actor_loss(mb, logits):
-            logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True, packing=mb.get(PACKING_KEY))
+            logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True,
+                                                packing=mb.get(PACKING_KEY))
             loss, metrics = objectives.actor_loss(mb, logprobs, entropy, params, normalizer)
             return loss, step_sums(metrics, NORMALIZED_ACTOR_METRICS, normalizer, loss_units(mb["action_mask"], mode))
 

@@ -255,8 +255,8 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     start = tp_rank * shard
     if start + shard <= vocab_size:
         return logits
-    # in place: a copy of the whole logits tensor would cost more than the projection's output is
-    # worth keeping, and the projection's backward reads its input and weight, never its output
+    # in place rather than concatenating a copy of the whole logits: the projection's backward reads
+    # its input and weight, never its output
     logits[..., max(vocab_size - start, 0):] = float("-inf")
     return logits
 

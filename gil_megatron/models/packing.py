@@ -169,7 +169,6 @@ def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return torch.cat(outs).index_select(0, params.inverse)
 
 
-
 class PackedDotProductAttention(DotProductAttention):
     """megatron-core's local core attention (padded input: its own code, unchanged) that also takes
     packed input (``packed_seq_params`` in the thd layout, which megatron's class rejects)."""
