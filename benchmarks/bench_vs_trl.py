@@ -162,6 +162,7 @@ def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_log
         raise RuntimeError(f"our trainer failed:\n{proc.stderr[-4000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f][1:updates + 1]  # drop the warm-up update
+    shutil.rmtree(run_dir)  # its final checkpoint: GBs per run at bench_tp_scaling's larger sizes
     return [{"step": m["time/step_s"], "generate": m["time/generate_s"], "score": m["time/score_s"],
              "gc": 0.0} for m in lines]
 
