@@ -46,23 +46,15 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench_packing import skewed_batch
+    from bench_packing import random_model, skewed_batch
 
     from gil_megatron import distributed
-    from gil_megatron.models.config import LlamaArchConfig
-    from gil_megatron.models.llama import LlamaModel
     from gil_megatron.models.packing import pack
     from gil_megatron.scoring import action_logprobs
 
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.initialize(seed=args.seed)
-    arch = LlamaArchConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=512, num_layers=4,
-                           num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64)
-    actor = LlamaModel(arch, "actor")
-    g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        for p in actor.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.dim() == 1 else 0.0))
+    actor = random_model("actor", torch.Generator().manual_seed(args.seed), vocab=args.vocab)
     seqs, lengths, _ = skewed_batch(args.seed, mean_response=6.0)
     seqs, lengths = seqs[:ROWS, :int(lengths[:ROWS].max())], lengths[:ROWS]
     packing = pack(seqs, lengths)

@@ -56,20 +56,25 @@ def skewed_batch(seed: int, mean_response: float):
     return seqs, lengths, prompt
 
 
-def build(seed: int):
+def random_model(role: str, generator: torch.Generator, vocab: int = VOCAB):
+    """The benchmark model (hidden 256, intermediate 512, 4 layers, 4 heads / 2 kv heads) in ``role``,
+    random weights drawn from ``generator`` (norm weights around 1)."""
     from gil_megatron.models.config import LlamaArchConfig
     from gil_megatron.models.llama import LlamaModel
 
-    arch = LlamaArchConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_layers=4,
+    arch = LlamaArchConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_layers=4,
                            num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64, num_groups=2)
+    model = LlamaModel(arch, role)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def build(seed: int):
     g = torch.Generator().manual_seed(seed)
-    models = {}
-    for name, role in (("actor", "actor"), ("reference", "actor"), ("critic", "critic"), ("reward", "reward")):
-        model = LlamaModel(arch, role)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.dim() == 1 else 0.0))
-        models[name] = model
+    models = {name: random_model(role, g) for name, role in
+              (("actor", "actor"), ("reference", "actor"), ("critic", "critic"), ("reward", "reward"))}
     for name in ("reference", "reward"):
         models[name].eval().requires_grad_(False)
     return models

@@ -42,14 +42,18 @@ def action_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, with_entropy:
     PPO policy loss and the SFT / DPO stages call it; only per-token scalars cross the TP group.
     ``packing``: the micro-batch ran packed and ``logits`` are the packed row's [1, T, V/tp]; the
     result has the same [b, s-1] layout, zeros where a row has no action."""
-    if packing is None and logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"action_logprobs: logits {tuple(logits.shape)} do not match input_ids "
-                         f"{tuple(input_ids.shape)}; packed logits [1, T, V] need packing=<the micro-batch's Packing>")
-    group = parallel_state.get_tensor_model_parallel_group()
     if packing is None:
-        return vocab_parallel_logprobs(logits[:, :-1], input_ids[:, 1:], tp_group=group, compute_entropy=with_entropy)
-    logprobs, entropy = vocab_parallel_logprobs(logits[0, :-1], packing.input_ids[0, 1:], tp_group=group,
-                                                compute_entropy=with_entropy)
+        if logits.shape[:2] != input_ids.shape:
+            raise ValueError(f"action_logprobs: logits {tuple(logits.shape)} do not match input_ids "
+                             f"{tuple(input_ids.shape)}; packed logits [1, T, V] need "
+                             "packing=<the micro-batch's Packing>")
+        logits, targets = logits[:, :-1], input_ids[:, 1:]
+    else:
+        logits, targets = logits[0, :-1], packing.input_ids[0, 1:]
+    group = parallel_state.get_tensor_model_parallel_group()
+    logprobs, entropy = vocab_parallel_logprobs(logits, targets, tp_group=group, compute_entropy=with_entropy)
+    if packing is None:
+        return logprobs, entropy
     return packing.unpack_actions(logprobs), packing.unpack_actions(entropy) if with_entropy else None
 
 
