@@ -36,6 +36,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from gil_megatron import collectives
+from gil_megatron.models import rope
 from gil_megatron.models.llama import mask_padded_vocab
 
 
@@ -105,12 +106,6 @@ class KVCacheDecoder:
         allowed = (real.unsqueeze(1) & (keys <= queries).unsqueeze(0)) | (keys == queries).unsqueeze(0)
         return allowed.unsqueeze(1)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [b, heads, s, d] rotated by the angles (megatron's rotate-half form)."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
     def _attention(self, index: int, attn, x: torch.Tensor, start: int, angles, mask) -> torch.Tensor:
         """x [b, s, h] (normed) -> attention output [b, s, h] (after the output projection)."""
         b, s, _ = x.shape
@@ -121,9 +116,9 @@ class KVCacheDecoder:
         k = qkv[:, :, :, per_group].transpose(1, 2)  # [b, ng, s, d]
         v = qkv[:, :, :, per_group + 1].transpose(1, 2)
         end = start + s
-        self.keys[index, :, :, start:end] = self._rope(k, *angles)
+        self.keys[index, :, :, start:end] = rope.rotate(k, *angles)
         self.values[index, :, :, start:end] = v
-        q = self._rope(q, *angles)
+        q = rope.rotate(q, *angles)
         keys, values = self.keys[index, :, :, :end], self.values[index, :, :, :end]
         # without padding: one new position attends to the whole prefix, a prefill is causal
         context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and s > 1,

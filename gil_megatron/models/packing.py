@@ -31,9 +31,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from gil_megatron.models import rope
 
 # Segments whose lengths are within this factor share one attention call. Measured on CPU (64 skewed
 # rows, 4 heads / 2 kv heads, forward + backward, shared machine): ratios 1.5-3 within noise of each
@@ -54,13 +55,14 @@ class PackedSegments(PackedSeqParams):
     to the bucket's longest segment m; keep [n_real] flat positions of real tokens in [n * m])."""
     inverse: Optional[torch.Tensor] = None
     """[T]: the concatenated buckets' real tokens put back in row order."""
-    rotary: Optional[torch.Tensor] = None
-    """[T, 1, 1, d]: each packed token's RoPE angles, set by the model for its forward
-    (LlamaModel._preprocess); PackedDotProductAttention rotates queries and keys with it."""
+    rotary: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    """cos, sin [T, 1, d] of each packed token's RoPE angles, set by the model once per forward
+    (LlamaModel._preprocess); PackedDotProductAttention rotates every layer's queries and keys with them."""
 
-    def per_token_rotary(self, freqs: torch.Tensor) -> torch.Tensor:
-        """RoPE angles [max_seqlen, 1, 1, d] -> one per packed token [T, 1, 1, d]."""
-        return freqs.index_select(0, self.positions)
+    def per_token_rotary(self, freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles [max_seqlen, 1, 1, d] -> cos, sin of each packed token's angles [T, 1, d]."""
+        angles = freqs.index_select(0, self.positions).squeeze(1)
+        return angles.cos(), angles.sin()
 
 
 @dataclasses.dataclass
@@ -187,8 +189,8 @@ class PackedDotProductAttention(DotProductAttention):
             raise ValueError("packed attention supports plain causal softmax attention only "
                              "(no attention bias, softmax offset or sliding window)")
         if packed_seq_params.rotary is not None:  # RoPE here, in one pass over the packed row (see LlamaModel)
-            query, key = (apply_rotary_pos_emb(x.unsqueeze(1), packed_seq_params.rotary, config=self.config).squeeze(1)
-                          for x in (query, key))
+            cos, sin = packed_seq_params.rotary
+            query, key = rope.rotate(query, cos, sin), rope.rotate(key, cos, sin)
         # megatron divides softmax_scale by the layer number under query-key layer scaling and
         # multiplies it back inside its softmax; SDPA takes the net scale
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
