@@ -185,9 +185,9 @@ class PackedDotProductAttention(DotProductAttention):
                              f"(thd); got {type(packed_seq_params).__name__} "
                              f"qkv_format={packed_seq_params.qkv_format!r}")
         if (attention_bias is not None or self.softmax_offset is not None
-                or getattr(self.scale_mask_softmax, "window_size", None)):
-            raise ValueError("packed attention supports plain causal softmax attention only "
-                             "(no attention bias, softmax offset or sliding window)")
+                or getattr(self.scale_mask_softmax, "window_size", None) or self.config.rotary_interleaved):
+            raise ValueError("packed attention supports plain causal softmax attention with rotate-half RoPE only "
+                             "(no attention bias, softmax offset, sliding window or interleaved RoPE)")
         if packed_seq_params.rotary is not None:  # RoPE here, in one pass over the packed row (see LlamaModel)
             cos, sin = packed_seq_params.rotary
             query, key = rope.rotate(query, cos, sin), rope.rotate(key, cos, sin)
