@@ -191,7 +191,7 @@ class LlamaModel(GPTModel):
         out = super()._preprocess(*args, **kwargs)
         params = kwargs.get("packed_seq_params")
         if isinstance(params, PackedSegments) and out[1] is not None and not self.using_te:
-            params.rotary = params.per_token_rotary(out[1])
+            params.rotary = params.per_token_rotary(out[1], self.config.params_dtype)
             out = (out[0], None) + tuple(out[2:])
         return out
 

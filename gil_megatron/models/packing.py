@@ -59,10 +59,11 @@ class PackedSegments(PackedSeqParams):
     """cos, sin [T, 1, d] of each packed token's RoPE angles, set by the model once per forward
     (LlamaModel._preprocess); PackedDotProductAttention rotates every layer's queries and keys with them."""
 
-    def per_token_rotary(self, freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """RoPE angles [max_seqlen, 1, 1, d] -> cos, sin of each packed token's angles [T, 1, d]."""
+    def per_token_rotary(self, freqs: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles [max_seqlen, 1, 1, d] -> cos, sin of each packed token's angles [T, 1, d], in
+        the activations' ``dtype`` (cast once here, not in every layer)."""
         angles = freqs.index_select(0, self.positions).squeeze(1)
-        return angles.cos(), angles.sin()
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 @dataclasses.dataclass
