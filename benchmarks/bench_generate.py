@@ -62,14 +62,14 @@ def main():
     torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(distributed.free_port()))
     from gil_megatron.models.convert import hf_to_megatron
     from gil_megatron.models.llama import LlamaModel
     from gil_megatron.models.weights import arch_of, load_model_weights
-    from gil_megatron.rollout import SamplingSettings, generate
+    from gil_megatron.ppo.rollout import SamplingSettings, generate
 
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,

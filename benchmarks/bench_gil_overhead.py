@@ -50,7 +50,7 @@ def one_step(trainer, batch, rollout):
 
 
 def time_both(root, actor, repeats):
-    from gil_megatron.trainer import PPOTrainer
+    from gil_megatron.ppo.trainer import PPOTrainer
 
     trainers = {algo: PPOTrainer(config(root, actor, algo)) for algo in ("ppo", "gil")}
     batch, rollout = trainers["ppo"].rollout()
@@ -66,7 +66,7 @@ def time_both(root, actor, repeats):
 
 
 def peak_memory(root, actor, algo, repeats):
-    from gil_megatron.trainer import PPOTrainer
+    from gil_megatron.ppo.trainer import PPOTrainer
 
     trainer = PPOTrainer(config(root, actor, algo))
     batch, rollout = trainer.rollout()

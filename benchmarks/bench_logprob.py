@@ -51,7 +51,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gil_megatron.algo.kl import kl_per_token  # noqa: E402
-from gil_megatron.ops.logprob import kernel_backend, masked_kl, vocab_parallel_logprobs  # noqa: E402
+from gil_megatron.ops import kernel_backend, masked_kl, vocab_parallel_logprobs  # noqa: E402
 
 SHAPES = [(4096, 32000), (16384, 32000), (4096, 128256)]
 QUICK_SHAPES = [(512, 8000), (256, 32000)]

@@ -1,5 +1,5 @@
 """Packed training forward: peak memory of the actor's log-prob step with the logits left packed
-(ours: scoring.action_logprobs on the packed row, Packing.unpack_actions on per-token scalars) vs
+(ours: models/logprobs.action_logprobs on the packed row, Packing.unpack_actions on per-token scalars) vs
 unpacked first to the padded [b, s, V] layout (what the packed path did before), side by side.
 
 What it measures: the growth of the process's peak resident memory (ru_maxrss) over one forward +
@@ -48,9 +48,9 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     from bench_packing import random_model, skewed_batch
 
-    from gil_megatron import distributed
+    from gil_megatron.models.logprobs import action_logprobs
     from gil_megatron.models.packing import pack
-    from gil_megatron.scoring import action_logprobs
+    from gil_megatron.parallel import distributed
 
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     distributed.initialize(seed=args.seed)

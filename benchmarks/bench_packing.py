@@ -96,15 +96,16 @@ def experience(seqs, lengths, prompt, seed):
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from gil_megatron import distributed, objectives
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo import objectives
 
     os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     from gil_megatron.config import PPOConfig
     from gil_megatron.models.llama import score_at_last, split_critic_output
+    from gil_megatron.models.logprobs import action_logprobs
     from gil_megatron.models.packing import PACKING_KEY
-    from gil_megatron.optim import OptimSettings, Trainable
-    from gil_megatron.scoring import (action_logprobs, microbatches_of, score_critic, score_logprobs,
-                                      score_reward_model)
+    from gil_megatron.ppo.scoring import microbatches_of, score_critic, score_logprobs, score_reward_model
+    from gil_megatron.training.optim import OptimSettings, Trainable
 
     distributed.initialize(seed=args.seed)
     models = build(args.seed)

@@ -36,8 +36,9 @@ def rank_main(ckpt: str, grouped: bool, calls: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from gil_megatron import distributed, rollout
     from gil_megatron.models.build import model_from_checkpoint
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo import rollout
 
     torch.set_num_threads(1)
     if not grouped:

@@ -65,7 +65,7 @@ def run_layout(root: str, actor: str, tp: int, iterations: int, batch: int) -> l
             "checkpoint.resume=none", "logging.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-                    "-m", "gil_megatron.trainer", os.path.join(ROOT, "examples", "configs", "miniature.yaml"), *argv],
+                    "-m", "gil_megatron.ppo.trainer", os.path.join(ROOT, "examples", "configs", "miniature.yaml"), *argv],
                    check=True, env=env, capture_output=True, text=True)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f][1:]  # drop the warm-up iteration

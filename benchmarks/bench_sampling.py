@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gil_megatron.rollout import draw_by_inverse_cdf, draw_uniforms  # noqa: E402
+from gil_megatron.ppo.rollout import draw_by_inverse_cdf, draw_uniforms  # noqa: E402
 
 
 def per_call(fn, repeats: int) -> float:

@@ -157,7 +157,7 @@ def run_ours(root: str, updates: int, tp: int, threads: int, index: int, old_log
     argv = ours_argv(root, run_dir, updates, tp, old_logprobs, packing)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads if tp == 1 else 1), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-                           "-m", "gil_megatron.trainer", *argv], env=env, capture_output=True, text=True)
+                           "-m", "gil_megatron.ppo.trainer", *argv], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"our trainer failed:\n{proc.stderr[-4000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

@@ -263,9 +263,9 @@ def _difficulty_map() -> Dict[str, str]:
 
 
 def _evaluate(plan, actor, tokenizer, pad_id, reward_model, reference, critic, datasets, group_level="prompt"):
-    from gil_megatron.evaluation import Scorers, evaluate_policy
-    from gil_megatron.rollout import SamplingSettings
-    from gil_megatron.scoring import RewardFunction
+    from gil_megatron.ppo.evaluation import Scorers, evaluate_policy
+    from gil_megatron.ppo.rewards import RewardFunction
+    from gil_megatron.ppo.rollout import SamplingSettings
 
     scorers = Scorers(tokenizer=tokenizer, pad_token_id=pad_id, reward_model=reward_model,
                       reward_fn=RewardFunction(PROXY_FN), gold_fn=RewardFunction(GOLD_FN),
@@ -277,7 +277,7 @@ def _evaluate(plan, actor, tokenizer, pad_id, reward_model, reference, critic, d
 
 
 def _write_eval(run_dir: str, samples, extra: dict) -> None:
-    from gil_megatron.evaluation import summarize_set
+    from gil_megatron.ppo.evaluation import summarize_set
 
     os.makedirs(run_dir, exist_ok=True)
     out = {"sets": {name: summarize_set(recs, _difficulty_map()) for name, recs in samples.items()}, **extra}
@@ -294,11 +294,11 @@ def _write_eval(run_dir: str, samples, extra: dict) -> None:
 def run_worker(plan_path: str) -> None:
     import torch
 
-    from gil_megatron import distributed
     from gil_megatron.config import PPOConfig, load_config
     from gil_megatron.data import load_prompts, pad_token_id
     from gil_megatron.models.build import load_tokenizer, model_from_checkpoint
-    from gil_megatron.trainer import PPOTrainer
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo.trainer import PPOTrainer
 
     torch.set_num_threads(1)
     with open(plan_path) as f:
@@ -666,9 +666,9 @@ def win_tie_lose_tables(args, plan) -> dict:
     """Each GIL-like arm against PPO at the same kl_coef (or the default-kl PPO arm), against PPO on
     gold and the SFT start; judged by gold per prompt (evaluation.compare_policies), tie margin 0,
     pooled over the paired seeds."""
-    from gil_megatron.evaluation import compare_policies
-
     from omegaconf import OmegaConf
+
+    from gil_megatron.ppo.evaluation import compare_policies
 
     names = [a.name for a in args.arm_list]
     default_kl = OmegaConf.load(plan["config"]).get("ppo", {}).get("kl_coef")  # the controls' kl_coef

@@ -36,10 +36,10 @@ def prepare(out: str, arch_kw: dict) -> dict:
     import shutil
 
     from gil_megatron.miniature.prepare import prepare as prepare_data
+    from gil_megatron.models.build import load_tokenizer
     from gil_megatron.models.config import LlamaArchConfig
     from gil_megatron.models.convert import save_fresh_model
-    from gil_megatron.models.build import load_tokenizer
-    from gil_megatron.memory import param_count
+    from gil_megatron.training.memory import param_count
 
     data = os.path.join(out, "data")
     prepare_data(data, seed=0, n_sft=64, n_prompts_train=512, n_prompts_eval=64, n_prompts_ood=64, n_rm_train=64,
@@ -68,7 +68,7 @@ def overrides(out: str, run_dir: str, iterations: int, resume: str):
 
 def train(argv):
     from gil_megatron.config import PPOConfig, load_config
-    from gil_megatron.trainer import PPOTrainer
+    from gil_megatron.ppo.trainer import PPOTrainer
 
     cfg = load_config(PPOConfig, None, argv)
     trainer = PPOTrainer(cfg)
@@ -87,8 +87,8 @@ def train(argv):
 
 
 def weights(run_dir: str) -> dict:
-    from gil_megatron.checkpoint import latest_checkpoint
     from gil_megatron.models.weights import hf_tensors_of_checkpoint
+    from gil_megatron.training.checkpoint import latest_checkpoint
 
     return dict(hf_tensors_of_checkpoint(os.path.join(latest_checkpoint(run_dir), "actor")))
 
@@ -149,7 +149,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     try:
         code = main()

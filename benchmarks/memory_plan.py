@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Per-GPU memory plan of a GIL-PPO run (actor + critic trained, reference + reward model frozen)
-from gil_megatron/memory.py's estimator -- the numbers the trainer prints and checks at start-up --
+from gil_megatron/training/memory.py's estimator -- the numbers the trainer prints and checks at start-up --
 plus the one term the estimator leaves out: the distributed optimizer's sharding over data
 parallelism.
 
@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gil_megatron import memory  # noqa: E402
 from gil_megatron.models.config import LlamaArchConfig  # noqa: E402
+from gil_megatron.training import memory  # noqa: E402
 
 GiB = 2 ** 30
 LLAMA2_7B = LlamaArchConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,

@@ -88,10 +88,11 @@ def main():
     os.environ.update(OMP_NUM_THREADS=str(args.threads), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1")
     import torch
+    from bench_vs_trl import make_work, ours_argv
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_vs_trl import make_work, ours_argv
-    from gil_megatron import distributed, trainer
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo import trainer
 
     os.environ["MASTER_PORT"] = str(distributed.free_port())
     torch.set_num_threads(args.threads)

@@ -50,7 +50,7 @@ launch() {
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
   config=$1; shift
   validate ppo "$config" "$@"
-  launch -m gil_megatron.trainer "$config" "$@"
+  launch -m gil_megatron.ppo.trainer "$config" "$@"
   exit
 fi
 
@@ -80,4 +80,4 @@ if [ ! -f $M/reward_model/model/gil_megatron.json ]; then
 fi
 step "5/5 GIL-PPO against the reward model (examples/configs/miniature.yaml $*)"
 validate ppo examples/configs/miniature.yaml "$@"
-launch -m gil_megatron.trainer examples/configs/miniature.yaml "$@"
+launch -m gil_megatron.ppo.trainer examples/configs/miniature.yaml "$@"

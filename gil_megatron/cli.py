@@ -63,7 +63,7 @@ def stage_main(module_name: str, argv: Optional[Sequence[str]] = None) -> None:
         print(f"\nUsage: torchrun --nproc-per-node N -m {module_name} CONFIG.yaml [key=value ...]")
         print(f"Config keys: python -m gil_megatron.cli keys {module_name.rsplit('.', 1)[1]}")
         sys.exit(0)
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     try:
         run_cli(module.main, argv)
@@ -123,7 +123,7 @@ def config_keys(schema, prefix: str = "") -> List[str]:
 
 
 def _check_paths(job: str, cfg) -> None:
-    from gil_megatron.data.records import parse_source
+    from gil_megatron.data.sources import parse_source
 
     for key, source in cfg.data.sources().items():
         try:

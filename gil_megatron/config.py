@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence, Type, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
 T = TypeVar("T")
 
 
@@ -158,7 +157,7 @@ class DataSourceOptions:
 class DataConfig(DataSourceOptions):
     train_prompts: str = "???"
     """Prompts: jsonl/json/parquet/csv (optionally .gz) or a saved HF dataset; records {prompt, group?}
-    or chosen/rejected dialogues (gil_megatron/data/records.py)."""
+    or chosen/rejected dialogues (gil_megatron/data/records.py; sources: data/sources.py)."""
     eval_prompts: Dict[str, str] = field(default_factory=dict)
     """Named held-out prompt sets evaluated every train.eval_every iterations (e.g. eval, ood)."""
     max_prompt_length: int = 64
@@ -214,7 +213,7 @@ class RolloutConfig:
 
 @dataclass
 class OffloadConfig:
-    """Frozen models kept in host memory between uses (gil_megatron/offload.py). They score once
+    """Frozen models kept in host memory between uses (gil_megatron/ppo/offload.py). They score once
     per iteration; offloading trades a host-to-device copy of their weights per iteration for
     their weights' accelerator memory. On the CPU the host is the device and nothing changes."""
 
@@ -386,8 +385,8 @@ class PPOConfig:
     run_dir: str = "runs/gil_ppo"
     seed: int = 1234
     algo: str = "gil"
-    """An entry of the objective registry (gil_megatron/objectives.py; `python -m
-    gil_megatron.objectives` lists them): ppo, ppo_no_kl, gil, gil_v1, the GIL ablations, ..."""
+    """An entry of the objective registry (gil_megatron/ppo/objectives.py; `python -m
+    gil_megatron.ppo.objectives` lists them): ppo, ppo_no_kl, gil, gil_v1, the GIL ablations, ..."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -402,7 +401,7 @@ class PPOConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self):
-        from gil_megatron.objectives import ALGORITHMS
+        from gil_megatron.algo.registry import ALGORITHMS
 
         _require(self.algo in ALGORITHMS, f"algo={self.algo!r}; valid: {', '.join(ALGORITHMS)}")
         n_seq = self.rollout.batch_size * self.rollout.n_samples_per_prompt
@@ -505,7 +504,7 @@ def overrides_from_argv(argv: List[str]):
 @dataclass
 class StageDataConfig(DataSourceOptions):
     train: str = "???"
-    """jsonl/json/parquet/csv (optionally .gz) or a saved HF dataset (formats: gil_megatron/data/records.py)."""
+    """jsonl/json/parquet/csv (optionally .gz) or a saved HF dataset (formats: gil_megatron/data/sources.py)."""
     eval: Optional[str] = None
     """Held-out set evaluated every train.eval_every steps and at the end (DIR:SPLIT for a DatasetDict split)."""
     max_length: int = 64

@@ -14,7 +14,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     try:
         result = fn(*args)
@@ -26,7 +26,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 def spawn(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     """Run ``fn(*args)`` on ``world_size`` ranks (env set as torchrun would); return each rank's
     result. ``fn`` must be importable (a module-level function) and call distributed.initialize."""
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_worker, args=(world_size, distributed.free_port(), fn, args, out_dir),

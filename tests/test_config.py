@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from gil_megatron.config import (
-    ConfigError, DPOConfig, PPOConfig, SFTConfig, StageTrainConfig, load_config, overrides_from_argv, to_dict,
+    ConfigError,
+    DPOConfig,
+    PPOConfig,
+    SFTConfig,
+    StageTrainConfig,
+    load_config,
+    overrides_from_argv,
+    to_dict,
 )
 
 REQUIRED = ["models.actor=/ckpt/actor", "models.reward_fn=pkg.mod:fn", "data.train_prompts=/data/prompts.jsonl"]

@@ -41,7 +41,7 @@ def test_real_smollm2_recipe(tmp_path):
     assert "sft: step 4 train/loss" in sft and "Warning" not in sft
     rm = _torchrun("gil_megatron.stages.reward_model", "real_smollm2_rm.yaml", cwd)
     assert "reward_model: step 4 eval/accuracy" in rm
-    ppo = _torchrun("gil_megatron.trainer", "real_smollm2.yaml", cwd)
+    ppo = _torchrun("gil_megatron.ppo.trainer", "real_smollm2.yaml", cwd)
     assert "gil: iteration 2 reward/mean" in ppo and "  ood: reward" in ppo  # the eval summary per set
     rows = [json.loads(x) for x in open(tmp_path / "runs/real_smollm2/gil_ppo/metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [1, 2] and "eval/ood/worst_group" in rows[-1]

@@ -184,13 +184,13 @@ def main(argv=None):
 
     import torch
 
-    from gil_megatron import distributed
     from gil_megatron.data import load_prompts, pad_token_id
-    from gil_megatron.evaluation import Scorers, evaluate_policy
-    from gil_megatron.report import PolicyResult, build_report, write_report
     from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
-    from gil_megatron.rollout import SamplingSettings
-    from gil_megatron.scoring import RewardFunction
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo.evaluation import Scorers, evaluate_policy
+    from gil_megatron.ppo.report import PolicyResult, build_report, write_report
+    from gil_megatron.ppo.rewards import RewardFunction
+    from gil_megatron.ppo.rollout import SamplingSettings
 
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(distributed.free_port())  # single process: never collide with another job
@@ -252,5 +252,5 @@ if __name__ == "__main__":
     try:
         run_cli(main)
     finally:
-        if "gil_megatron.distributed" in sys.modules:  # only when main got as far as starting it
-            sys.modules["gil_megatron.distributed"].destroy()
+        if "gil_megatron.parallel.distributed" in sys.modules:  # only when main got as far as starting it
+            sys.modules["gil_megatron.parallel.distributed"].destroy()

@@ -48,10 +48,10 @@ def main(argv=None):
     import torch
     import torch.distributed as dist
 
-    from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
     from gil_megatron.models.weights import arch_of
+    from gil_megatron.parallel import distributed
 
     if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
         raise FileNotFoundError(f"--hf-dir {args.hf_dir}: no config.json (not a Hugging Face model directory)")

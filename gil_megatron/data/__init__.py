@@ -1,7 +1,8 @@
 """Prompt, SFT and preference data: reading, chat formatting, tokenization, resumable batching.
 
-    records.py    sources read with HF `datasets` (jsonl/json/parquet/csv, compressed, saved
-                  Dataset/DatasetDict + split) and the fields each stage takes from a record
+    sources.py    sources read with HF `datasets` (jsonl/json/parquet/csv, compressed, saved
+                  Dataset/DatasetDict + split)
+    records.py    the fields each stage takes from a record
     chat.py       text and conversations -> token ids (the tokenizer's chat template)
     datasets.py   tokenized datasets (`datasets.map` once per node, cached), length policy, batches
     loader.py     deterministic, resumable, DP-sharded batches; evaluation passes
@@ -26,7 +27,8 @@ from gil_megatron.data.datasets import (
     tokenized_table,
 )
 from gil_megatron.data.loader import DataLoader, DistributedBatchSampler, eval_batches
-from gil_megatron.data.records import HH_ASSISTANT, DataError, Record, read_records, split_hh_dialogue
+from gil_megatron.data.records import HH_ASSISTANT, split_hh_dialogue
+from gil_megatron.data.sources import DataError, Record, read_records
 
 __all__ = [
     "DataError", "DataLoader", "DistributedBatchSampler", "Encoder", "HH_ASSISTANT", "PreferenceBatch",

@@ -27,7 +27,8 @@ import json
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from gil_megatron.data.records import DataError, Messages, Text
+from gil_megatron.data.records import Messages, Text
+from gil_megatron.data.sources import DataError
 
 CHAT_TEMPLATE_CHOICES = ("auto", "none")
 

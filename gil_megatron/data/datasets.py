@@ -2,7 +2,7 @@
 
     load_prompts / load_sft / load_preferences(path, tokenizer, ...)
 
-read a source (gil_megatron/data/records.py), take each record's fields, tokenize them
+read a source (gil_megatron/data/sources.py), take each record's fields (records.py), tokenize them
 (gil_megatron/data/chat.py) with `datasets.map`, and apply the length policy:
 
 - `max_prompt_length` counts the prompt's tokens (BOS or chat template included); `max_length`
@@ -31,10 +31,9 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 import torch
 
 from gil_megatron.data.chat import Encoder, prepare_tokenizer, tokenizer_fingerprint
-from gil_megatron.data.records import (
-    DataError, Fields, Source, check_columns, iter_rows, parse_source, preference_of, prompt_of, read_table,
-    resolve_keys, sft_pair_of,
-)
+from gil_megatron.data.records import Fields, check_columns, preference_of, prompt_of, resolve_keys, sft_pair_of
+from gil_megatron.data.sources import DataError, Source, iter_rows, parse_source, read_table
+from gil_megatron.parallel import collectives
 
 logger = logging.getLogger("gil_megatron.data")
 
@@ -307,8 +306,7 @@ def tokenized_table(path: str, kind: str, tokenizer, *, keys: Optional[Mapping[s
         except Exception as exc:  # the other ranks must hear of it, or they would wait here forever
             error = exc
     if group_up:  # releases the ranks that wait for the cache, and gives them rank 0's error if any
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, None if error is None else str(error))
+        errors = collectives.all_gather_object(None if error is None else str(error), collectives.world_group())
         first = next((e for e in errors if e is not None), None)
         if first is not None and error is None:
             raise DataError(first)

@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from gil_megatron.data.records import DataError
+from gil_megatron.data.sources import DataError
 
 
 class DistributedBatchSampler:

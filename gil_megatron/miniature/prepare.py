@@ -51,6 +51,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from gil_megatron.miniature import task
 from gil_megatron.miniature.tokenizer import IDK, SYMBOLS, VOCAB, save_tokenizer
 
+
 # Share of SFT demonstrations per family: the hard families get fewer.
 def sft_family_weights(hard_share: float) -> Dict[str, float]:
     """Share of SFT demonstrations per family: `hard_share` split evenly over the hard families,

@@ -5,11 +5,11 @@ from typing import Optional
 
 import torch
 
-from gil_megatron.distributed import ParallelLayout
-from gil_megatron.models.config import LlamaArchConfig
 from gil_megatron.models.chunks import ModelChunks
+from gil_megatron.models.config import LlamaArchConfig
 from gil_megatron.models.llama import LlamaModel, transformer_config
 from gil_megatron.models.weights import CheckpointError, arch_of, load_model_weights
+from gil_megatron.parallel.distributed import ParallelLayout
 
 
 def resolve_dtype(name: str) -> torch.dtype:

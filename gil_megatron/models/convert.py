@@ -13,8 +13,14 @@ from safetensors.torch import save_file
 from gil_megatron.models import hf_mapping
 from gil_megatron.models.config import ROLES, LlamaArchConfig
 from gil_megatron.models.weights import (
-    CheckpointError, HFReader, arch_of, atomic_directory, hf_tensors_of_stage, save_shard,
-    state_for_rank, write_meta,
+    CheckpointError,
+    HFReader,
+    arch_of,
+    atomic_directory,
+    hf_tensors_of_stage,
+    save_shard,
+    state_for_rank,
+    write_meta,
 )
 
 Progress = Callable[[str], None]

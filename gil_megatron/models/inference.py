@@ -21,7 +21,7 @@ the whole prefix (``repeat_interleave``) every step. This path instead:
 
 The training forward is untouched: this module only reads the modules' weights. The math is the
 same as GPTModel's forward (RMSNorm, fused qkv split per query group, RoPE, causal softmax attention,
-output projection, residual, SwiGLU MLP, residual, final norm, head); tests/test_rollout.py checks
+output projection, residual, SwiGLU MLP, residual, final norm, head); tests/ppo/test_rollout.py checks
 that its logits equal the megatron forward's at TP1 and TP2 (fp32) and that greedy tokens are
 identical. Scope: the local (non-TE) layer spec, which is what runs on CPU; a model built with
 another spec (transformer-engine, where the norm lives inside the qkv linear) goes through the
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from gil_megatron import collectives
 from gil_megatron.models import rope
 from gil_megatron.models.llama import mask_padded_vocab
+from gil_megatron.parallel import collectives
 
 
 class KVCacheDecoder:

@@ -21,7 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from gil_megatron.models.config import ROLES, LayoutError, LlamaArchConfig
-from gil_megatron.models.packing import Packing, PackedDotProductAttention, PackedSegments
+from gil_megatron.models.packing import PackedDotProductAttention, PackedSegments, Packing
 
 try:  # optional GPU accelerator; never required
     import transformer_engine  # noqa: F401
@@ -164,7 +164,7 @@ class LlamaModel(GPTModel):
                 packing: Optional[Packing] = None) -> torch.Tensor:
         """``packing`` (models/packing.py): run its packed row [1, T] instead of ``input_ids``. The
         last stage returns the critic's and reward model's outputs unpacked to [b, s, ...] (zeros at
-        pad) and the actor's logits still packed, [1, T, V/tp] (scoring.action_logprobs takes them
+        pad) and the actor's logits still packed, [1, T, V/tp] (models/logprobs.action_logprobs takes them
         with the Packing); other stages return hidden states [T, 1, h]."""
         if packing is not None:
             output = super().forward(input_ids=packing.input_ids, position_ids=packing.position_ids,

@@ -6,7 +6,7 @@ megatron-core by ``PackedSeqParams`` in the ``thd`` layout (cu_seqlens = segment
 Every layer then works on T tokens instead of b * s. The last pipeline stage's output is unpacked
 back to [b, s, ...] with zeros at the pad positions, so losses and scorers never see packing, except
 for the language-model head: its vocab-sized logits stay packed [1, T, V/tp] (padding them back would
-copy the largest tensor of the step into b * s rows), and ``scoring.action_logprobs`` unpacks the
+copy the largest tensor of the step into b * s rows), and ``models.logprobs.action_logprobs`` unpacks the
 per-token log-probs computed from them instead (``Packing.unpack_actions``).
 
 What each piece does:

@@ -23,9 +23,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from gil_megatron import collectives
 from gil_megatron.models import packing
 from gil_megatron.models.chunks import model_chunks
+from gil_megatron.parallel import collectives
 
 LossFn = Callable[[Dict[str, torch.Tensor], torch.Tensor], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 

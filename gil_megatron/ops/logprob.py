@@ -1,7 +1,7 @@
-"""Log-probs of sampled tokens, entropy and masked KL from vocab-parallel logits.
+"""Log-probs of sampled tokens and the entropy from vocab-parallel logits.
 
 PPO needs, several times per iteration, ``logprobs[t] = log softmax(z_t)[target_t]`` for logits
-``z`` [tokens, vocab] (and the policy entropy, and a KL to the reference policy). Done naively
+``z`` [tokens, vocab] (and the policy entropy). Done naively
 (``log_softmax`` + ``gather``) that materialises a [tokens, vocab] fp32 tensor, and under tensor
 parallelism (TP) it needs the whole vocabulary on one rank. Here each TP rank reads its vocab shard
 once and produces four per-token scalars; only those cross the TP group:
@@ -22,112 +22,39 @@ The backward needs no communication: with the global M and log S saved, each ran
 in one pass over its logits (megatron-core's tensor_parallel/cross_entropy.py has the same split:
 math without collectives, a thin wrapper that all-reduces).
 
-Three implementations answer the same API; ``kernel_backend(device)`` says which one runs:
-    "cpu"        C++ kernel (OpenMP over rows, vectorised online softmax), csrc/logprob/logprob_cpu.cpp
-    "cuda"       CUDA kernel (a row per block or per warp), csrc/logprob/logprob_cuda.cu
-    "reference"  the readable pure-torch code in this file (materialises a [tokens, vocab_local]
-                 fp32 temporary); used when gil_megatron._C is not built, with one warning.
-                 GIL_MEGATRON_REQUIRE_KERNEL=1 turns that fallback into an error (CI sets it).
-The dispatcher picks the CPU or CUDA kernel from the tensors' device: no device branches here.
+The CPU and CUDA kernels (csrc/logprob/) and the readable pure-torch reference here (which
+materialises a [tokens, vocab_local] fp32 temporary) answer the same API; ops/extension.py says
+which one runs.
 
 Evaluation needs more than the sampled tokens: the exact KL between two whole next-token
 distributions. ``vocab_parallel_log_softmax`` gives the log-softmax of a shard from the same
 partials (max and sum-exp, all-reduced the same way) and ``vocab_parallel_kl`` sums
 p (log p - log p_ref) over the vocabulary; both materialise the shard in fp32 (readable torch).
 
-KL estimators are the ones of gil_megatron/algo/kl.py (the single definition); the kernels implement
-the same formulas and the tests compare them.
+The masked KL of the sampled tokens' log-probs is its own op: ops/kl.py.
 """
 
-import os
-import warnings
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from gil_megatron import collectives
-from gil_megatron.algo.kl import get_kl_estimator, kl_per_token
+from gil_megatron.ops.extension import HAVE_KERNEL, backend_for
+from gil_megatron.parallel import collectives
 
-try:  # loading the library registers torch.ops.gil_megatron.*
-    from gil_megatron import _C  # noqa: F401
-
-    HAVE_KERNEL = True
-    _KERNEL_IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as _err:  # not built
-    HAVE_KERNEL = False
-    _KERNEL_IMPORT_ERROR = _err
-
-REQUIRE_KERNEL_ENV = "GIL_MEGATRON_REQUIRE_KERNEL"
-BUILD_COMMAND = "pip install -e . --no-build-isolation"
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_warned_fallback = False
 
 __all__ = [
-    "HAVE_KERNEL",
-    "KL_REDUCTIONS",
     "LogprobPartials",
     "finalize_logprobs",
-    "kernel_backend",
-    "masked_kl",
-    "reduce_masked",
     "reference_logprob_partials",
-    "reference_masked_kl",
     "reference_vocab_parallel_logprobs",
     "rescale_partials",
     "vocab_parallel_kl",
     "vocab_parallel_log_softmax",
     "vocab_parallel_logprobs",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Backend choice
-
-
-_BACKEND_CACHE: Dict[Tuple[bool, str], str] = {}
-
-
-def kernel_backend(device) -> str:
-    """Which implementation runs for tensors on ``device``: "cuda", "cpu" or "reference"."""
-    device_type = torch.device(device).type
-    key = (HAVE_KERNEL, device_type)
-    if key not in _BACKEND_CACHE:  # asked on every call: keep the dispatcher lookup out of the hot path
-        has = HAVE_KERNEL and device_type in ("cpu", "cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "gil_megatron::logprob_partials", "CUDA" if device_type == "cuda" else "CPU"
-        )
-        _BACKEND_CACHE[key] = device_type if has else "reference"
-    return _BACKEND_CACHE[key]
-
-
-def _why_no_kernel(device: torch.device) -> str:
-    if not HAVE_KERNEL:
-        return f"the compiled extension gil_megatron._C could not be imported ({_KERNEL_IMPORT_ERROR})"
-    return f"gil_megatron._C was built without kernels for {device.type} tensors"
-
-
-def _backend_for(device: torch.device) -> str:
-    """kernel_backend(), plus the one-time warning (or the error under GIL_MEGATRON_REQUIRE_KERNEL=1)."""
-    global _warned_fallback
-    backend = kernel_backend(device)
-    if backend != "reference":
-        return backend
-    why = _why_no_kernel(device)
-    if os.environ.get(REQUIRE_KERNEL_ENV, "0") == "1":
-        raise RuntimeError(
-            f"{REQUIRE_KERNEL_ENV}=1 but {why}. Build it from the repository root with `{BUILD_COMMAND}`"
-            " (with nvcc on PATH / CUDA_HOME set for the CUDA kernels)."
-        )
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"gil_megatron: {why}; falling back to the pure-torch reference for log-probs and KL "
-            f"(slower, materialises [tokens, vocab] fp32). Build the kernels with `{BUILD_COMMAND}`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,133 +326,10 @@ def vocab_parallel_logprobs(
     """
     _check_logprob_inputs(logits, targets, LOGITS_DTYPES)
     targets = targets.long()
-    backend = _backend_for(logits.device)
+    backend = backend_for(logits.device)
     if backend == "reference":
         return reference_vocab_parallel_logprobs(logits, targets, tp_group, compute_entropy)
     return _FusedLogprobs.apply(logits, targets, tp_group, compute_entropy)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Masked KL
-
-
-def _reduce_none(values, mask):
-    return values
-
-
-def _reduce_sum(values, mask):
-    return values.sum()
-
-
-def _safe_count(count: torch.Tensor) -> torch.Tensor:
-    """A denominator that is never 0: where the count is 0 the numerator is 0 too, so x / it = 0."""
-    return count.clamp_min(torch.finfo(count.dtype).tiny)
-
-
-def _reduce_mean(values, mask):
-    """Sum over all unmasked tokens / number of unmasked tokens (0 if none)."""
-    return values.sum() / _safe_count(mask.sum())
-
-
-def _reduce_seq_mean_token_mean(values, mask):
-    """Mean over tokens within each sequence (last dim), then over the sequences that have any."""
-    tokens = mask.sum(dim=-1)  # [...]
-    per_seq = values.sum(dim=-1) / _safe_count(tokens)
-    has_tokens = (tokens > 0).to(values.dtype)
-    return (per_seq * has_tokens).sum() / _safe_count(has_tokens.sum())
-
-
-KL_REDUCTIONS: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "none": _reduce_none,
-    "sum": _reduce_sum,
-    "mean": _reduce_mean,
-    "seq_mean_token_mean": _reduce_seq_mean_token_mean,
-}
-
-
-def reduce_masked(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce already-masked per-token ``values`` [..., T] with weights ``mask`` [..., T]."""
-    if reduction not in KL_REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; valid: {sorted(KL_REDUCTIONS)}")
-    return KL_REDUCTIONS[reduction](values, mask.to(values.dtype))
-
-
-def _check_kl_inputs(logprobs, ref_logprobs, mask, estimator, reduction) -> None:
-    get_kl_estimator(estimator)  # raises ValueError listing the valid names
-    if reduction not in KL_REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; valid: {sorted(KL_REDUCTIONS)}")
-    if ref_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
-        raise ValueError(
-            f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and mask "
-            f"{tuple(mask.shape)} must have the same shape [..., T]"
-        )
-    if reduction == "seq_mean_token_mean" and logprobs.dim() == 0:
-        raise ValueError("seq_mean_token_mean needs at least one (token) dim")
-
-
-def _kl_dtype(logprobs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-
-
-def reference_masked_kl(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str = "k1",
-    reduction: str = "none",
-) -> torch.Tensor:
-    """Pure-torch masked KL from gil_megatron.algo.kl.kl_per_token. Masked tokens give exactly 0 and
-    no gradient, whatever their log-probs hold (the estimator sees 0 vs 0 there)."""
-    _check_kl_inputs(logprobs, ref_logprobs, mask, estimator, reduction)
-    dtype = _kl_dtype(logprobs)
-    mask = mask.to(dtype)
-    keep = mask != 0
-    logprobs = torch.where(keep, logprobs.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
-    ref_logprobs = torch.where(keep, ref_logprobs.to(dtype), torch.zeros((), dtype=dtype, device=mask.device))
-    per_token = kl_per_token(logprobs, ref_logprobs, estimator) * mask
-    return reduce_masked(per_token, mask, reduction)
-
-
-class _MaskedKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logprobs, ref_logprobs, mask, estimator):
-        ctx.save_for_backward(logprobs, ref_logprobs, mask)
-        ctx.estimator = estimator
-        return torch.ops.gil_megatron.masked_kl(logprobs, ref_logprobs, mask, estimator)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        logprobs, ref_logprobs, mask = ctx.saved_tensors
-        grad_lp = torch.ops.gil_megatron.masked_kl_backward(
-            grad.contiguous(), logprobs, ref_logprobs, mask, ctx.estimator
-        )
-        grad_ref = -grad_lp if ctx.needs_input_grad[1] else None  # every estimator is f(lp - ref)
-        return grad_lp, grad_ref, None, None
-
-
-def masked_kl(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    estimator: str = "k1",
-    reduction: str = "none",
-) -> torch.Tensor:
-    """KL estimate between policy and reference per token, masked and reduced.
-
-    Args:
-        logprobs, ref_logprobs: [..., T] log-probs of the sampled tokens (policy, reference).
-        mask: [..., T] response mask (bool, int or float weights); masked tokens contribute 0.
-        estimator: "k1" | "k2" | "k3" (gil_megatron.algo.kl).
-        reduction: "none" -> kl * mask [..., T]; "sum"; "mean" (over unmasked tokens);
-            "seq_mean_token_mean" (mean over tokens within a sequence, then over non-empty sequences;
-            0 if all are empty).
-    Differentiable w.r.t. logprobs (and ref_logprobs).
-    """
-    _check_kl_inputs(logprobs, ref_logprobs, mask, estimator, reduction)
-    if _backend_for(logprobs.device) == "reference":
-        return reference_masked_kl(logprobs, ref_logprobs, mask, estimator, reduction)
-    dtype = _kl_dtype(logprobs)
-    mask = mask.to(dtype)
-    per_token = _MaskedKL.apply(logprobs.to(dtype), ref_logprobs.to(dtype), mask, estimator)
-    return reduce_masked(per_token, mask, reduction)
 
 
 # torch.compile / meta-tensor support: shapes of the kernel outputs.
@@ -540,12 +344,3 @@ if HAVE_KERNEL:
     @torch.library.register_fake("gil_megatron::logprob_backward")
     def _(logits, targets, vocab_start, max, log_sumexp, grad_logprobs, entropy, grad_entropy):
         return logits.new_empty(logits.shape)
-
-    @torch.library.register_fake("gil_megatron::masked_kl")
-    def _(logprobs, ref_logprobs, mask, estimator):
-        return torch.empty_like(logprobs)
-
-    @torch.library.register_fake("gil_megatron::masked_kl_backward")
-    def _(grad, logprobs, ref_logprobs, mask, estimator):
-        return torch.empty_like(logprobs)
-

@@ -1,5 +1,5 @@
 """What SFT, reward-model and DPO training share (one engine, three objectives); the loop itself is
-gil_megatron/loop.py, the one PPO runs too.
+gil_megatron/training/loop.py, the one PPO runs too.
 
 A stage (sft.py, reward_model.py, dpo.py) subclasses ``Stage`` and says only what differs: the
 dataset it reads, how a batch becomes micro-batches, what one micro-batch counts for the loss's
@@ -9,10 +9,10 @@ denominator, and the loss of one micro-batch. Everything else is here, in the or
     distributed.initialize(tp, pp)     dp = world / (tp * pp)
     model_from_checkpoint(init, role)  -> Trainable (megatron DDP + optimizer + LR schedule)
     resume (checkpoint.resume=auto)    weights, optimizer, scheduler, RNG, data cursor (any layout)
-    gil_megatron/loop.py runs the steps; one optimizer step (``StageRun.train_step``):
+    gil_megatron/training/loop.py runs the steps; one optimizer step (``StageRun.train_step``):
         batch = loader.next_batch()                  this rank's global_batch_size / dp examples
         mbs = stage.microbatches(batch)              micro_batch_size examples each, on the device
-        normalizer = loss_normalizer(sum count)      N_global / dp (gil_megatron/metrics.py)
+        normalizer = loss_normalizer(sum count)      N_global / dp (gil_megatron/training/metrics.py)
         stage.before_forward(mbs)                    DPO: reference log-probs, no grad
         trainable.forward_backward(mbs, loss)        megatron's pipeline schedule; DDP grad all-reduce
         trainable.step()                             clip, Adam, LR schedule
@@ -20,7 +20,7 @@ denominator, and the loss of one micro-batch. Everything else is here, in the or
     eval every train.eval_every steps and at the end; checkpoint every train.save_every and at the end
     final model directory (our format, loadable by any layout) -> ``output`` (default run_dir/model)
 
-Loss normalisation and metrics follow gil_megatron/metrics.py, as PPO does: the loss of a
+Loss normalisation and metrics follow gil_megatron/training/metrics.py, as PPO does: the loss of a
 micro-batch is sum_(its units) l / (N_global / dp), with units = response tokens for SFT and pairs
 for the reward model and DPO, so the gradient is the global batch's mean for any layout
 (tests/stages/test_stages.py checks TP2 and DP2 against TP1). A loss function returns (loss, sums):
@@ -38,19 +38,26 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gil_megatron import distributed, loop
-from gil_megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv, to_dict
 from gil_megatron.data import (
-    DataLoader, PreferenceBatch, SequenceBatch, eval_batches, load_preferences, options_from_config, pad_token_id,
+    DataLoader,
+    PreferenceBatch,
+    SequenceBatch,
+    eval_batches,
+    load_preferences,
+    options_from_config,
+    pad_token_id,
 )
-from gil_megatron.distributed import ParallelLayout
-from gil_megatron.metrics import Sums, Totals, loss_normalizer, metric_sum, ratio, reduce_sums
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.convert import copy_tokenizer_files  # the one list of tokenizer files
 from gil_megatron.models.pipeline import run_microbatches
 from gil_megatron.models.weights import CheckpointError, model_dir_stages, save_model_weights, write_meta
-from gil_megatron.optim import Trainable
+from gil_megatron.parallel import collectives, distributed
+from gil_megatron.parallel.distributed import ParallelLayout
+from gil_megatron.training import loop
+from gil_megatron.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from gil_megatron.training.metrics import Sums, Totals, loss_normalizer, metric_sum, ratio, reduce_sums
+from gil_megatron.training.optim import Trainable
 
 MODEL_KEY = "model"  # the trained model's name inside training checkpoints
 
@@ -260,7 +267,7 @@ def evaluate(stage: Stage, model: torch.nn.Module, dataset, layout: ParallelLayo
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier(collectives.world_group())
 
 
 def save_model_dir(out_dir: str, layout: ParallelLayout, model, tokenizer_dir: str, source: str) -> str:

@@ -15,12 +15,12 @@ import torch
 
 from gil_megatron.algo.preference import dpo_loss, sequence_logprobs
 from gil_megatron.config import DPOConfig
-from gil_megatron.distributed import ParallelLayout
-from gil_megatron.metrics import Sums, sums_from_means
 from gil_megatron.models.build import model_from_checkpoint
+from gil_megatron.models.logprobs import action_logprobs
 from gil_megatron.models.pipeline import run_microbatches
-from gil_megatron.scoring import action_logprobs
+from gil_megatron.parallel.distributed import ParallelLayout
 from gil_megatron.stages.common import PairStage, add_group_sums, run
+from gil_megatron.training.metrics import Sums, sums_from_means
 
 
 def _sequence_logprobs(mb, logits) -> torch.Tensor:

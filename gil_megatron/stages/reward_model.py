@@ -15,9 +15,9 @@ import torch
 
 from gil_megatron.algo.preference import bradley_terry_loss
 from gil_megatron.config import RewardModelConfig
-from gil_megatron.metrics import Sums, sums_from_means
 from gil_megatron.models.llama import score_at_last
 from gil_megatron.stages.common import PairStage, add_group_sums, run
+from gil_megatron.training.metrics import Sums, sums_from_means
 
 
 class RewardModelStage(PairStage):

@@ -12,13 +12,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from gil_megatron.algo.preference import sft_loss
 from gil_megatron.algo.ppo import masked_sum
+from gil_megatron.algo.preference import sft_loss
 from gil_megatron.config import SFTConfig
 from gil_megatron.data import SequenceBatch, load_sft, options_from_config
-from gil_megatron.metrics import Sums, sums_from_means
-from gil_megatron.scoring import action_logprobs
+from gil_megatron.models.logprobs import action_logprobs
 from gil_megatron.stages.common import Stage, add_group_sums, chunks, run, sequence_microbatch
+from gil_megatron.training.metrics import Sums, sums_from_means
 
 LOSS_AGG_MODE = "token_mean"  # every response token of the global batch weighs the same
 

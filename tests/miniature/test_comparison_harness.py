@@ -65,7 +65,7 @@ def test_plan_trains_gold_arms_on_the_reward_function(h, tmp_path):
 
 def _write_run(run_dir, golds, families, *, rm=True, metrics=None, kl=0.5):
     """A finished run: eval.json in evaluation.summarize_set's format and samples.jsonl."""
-    from gil_megatron.evaluation import summarize_set
+    from gil_megatron.ppo.evaluation import summarize_set
 
     os.makedirs(run_dir, exist_ok=True)
     sets = {}

@@ -46,11 +46,11 @@ def make_hf(path, name: str, seed: int = 0) -> str:
 
 def _logits_all_layouts(ckpts, ids, layouts):
     """4 ranks visit each layout (dp = 4 / (tp * pp)); every model of every family per layout."""
-    from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
     from gil_megatron.models.weights import arch_of
-    from gil_megatron.rollout import SamplingSettings, generate
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo.rollout import SamplingSettings, generate
 
     out = {}
     for tp, pp in layouts:

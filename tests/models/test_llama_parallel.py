@@ -27,15 +27,13 @@ def batch(seed=0):
 
 def _run(hf_dir, ckpt_dir, tp, pp, ids, with_grads):
     import torch.nn.functional  # noqa: F401
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from gil_megatron import distributed
-    from gil_megatron.models import hf_mapping
     from gil_megatron.models.llama import LlamaModel
     from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
     from gil_megatron.models.weights import arch_of, load_model_weights
-    from gil_megatron.optim import OptimSettings, Trainable, main_grads
+    from gil_megatron.parallel import distributed
+    from gil_megatron.training.optim import OptimSettings, Trainable, main_grads
 
     layout = distributed.initialize(tp, pp, seed=1)
     arch, role, _, _ = arch_of(ckpt_dir)

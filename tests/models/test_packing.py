@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from dist_utils import spawn
-from test_trainer import mini  # noqa: F401  (the miniature fixture)
 
 VOCAB, BATCH, SEQ, MICRO = 100, 7, 12, 3  # vocab not a multiple of tp; micro-batches of 3, 3, 1 rows
 ATOL = 1e-5
@@ -24,8 +23,8 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) on 2 ranks: TP1 runs as two data-
 
 # ---- bookkeeping and attention, one process ------------------------------------------------------
 def test_pack_bookkeeping_and_unpack():
+    from gil_megatron.models.logprobs import action_logprobs
     from gil_megatron.models.packing import pack
-    from gil_megatron.scoring import action_logprobs
 
     ids = torch.arange(4 * 6).reshape(4, 6) + 1
     lengths = torch.tensor([6, 1, 3, 2])
@@ -134,15 +133,16 @@ def _tensors(seed, prompt, response):
 
 
 def _one_layout(tp, pp, cases):
-    from gil_megatron import distributed, objectives
     from gil_megatron.config import PPOConfig
     from gil_megatron.models.config import LlamaArchConfig
     from gil_megatron.models.llama import LlamaModel, score_at_last, split_critic_output
+    from gil_megatron.models.logprobs import action_logprobs
     from gil_megatron.models.packing import PACKING_KEY
     from gil_megatron.models.pipeline import broadcast_from_last_stage
-    from gil_megatron.optim import OptimSettings, Trainable, main_grads
-    from gil_megatron.scoring import (action_logprobs, microbatches_of, score_critic, score_logprobs,
-                                      score_reward_model)
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo import objectives
+    from gil_megatron.ppo.scoring import microbatches_of, score_critic, score_logprobs, score_reward_model
+    from gil_megatron.training.optim import OptimSettings, Trainable, main_grads
 
     distributed.initialize(tp, pp, seed=1)
     arch = LlamaArchConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -230,7 +230,8 @@ def test_packed_equals_padded_at_tp1_tp2_pp2():
 
 # ---- the trainer: a few PPO iterations with packing on and off -----------------------------------
 def _ppo_with_and_without_packing(mini, out):
-    from test_trainer import _train, overrides
+    from miniature_runs import overrides
+    from miniature_runs import train_run as _train
 
     # the gold reward (not the fresh reward model, whose zero scores would leave every gradient 0)
     return {packing: _train(None, overrides(mini, out / f"packing_{packing}", **{
@@ -240,7 +241,7 @@ def _ppo_with_and_without_packing(mini, out):
 
 @pytest.mark.slow  # ~20 s: two 3-iteration runs; the 2-rank test above covers every packed forward
 def test_trainer_metrics_and_weights_same_with_packing(mini, tmp_path):
-    from test_trainer import comparable, hf_weights, latest_actor
+    from miniature_runs import comparable, hf_weights, latest_actor
 
     runs = spawn(_ppo_with_and_without_packing, 1, mini, tmp_path)[0]
     assert len(runs[False]) == len(runs[True]) == 3

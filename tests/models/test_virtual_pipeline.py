@@ -55,14 +55,14 @@ def _hf_named(chunks, state_of, pp_rank):
 def _layout(ckpt: str, pp: int, vp: int, out_dir: str, tp: int = 1):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.models.chunks import model_chunks
     from gil_megatron.models.pipeline import broadcast_from_last_stage, gather_vocab_shards, run_microbatches
     from gil_megatron.models.weights import model_dir_stages, model_state_for_save, save_model_weights, write_meta
-    from gil_megatron.optim import OptimSettings, Trainable, main_grads
-    from gil_megatron.rollout import SamplingSettings, generate
-    from gil_megatron.scoring import score_logprobs
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo.rollout import SamplingSettings, generate
+    from gil_megatron.ppo.scoring import score_logprobs
+    from gil_megatron.training.optim import OptimSettings, Trainable, main_grads
 
     layout = distributed.initialize(tp, pp, seed=1, virtual_pp=vp)
     assert layout.vp == vp
@@ -118,9 +118,9 @@ def _layout(ckpt: str, pp: int, vp: int, out_dir: str, tp: int = 1):
 
 
 def _indivisible(ckpt):
-    from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
     from gil_megatron.models.config import LayoutError
+    from gil_megatron.parallel import distributed
 
     layout = distributed.initialize(1, 2, virtual_pp=4)  # 4 layers cannot make 2 * 4 chunks of whole layers
     try:
@@ -185,8 +185,9 @@ def test_virtual_pipeline_equals_plain_pipeline_and_single_rank(tmp_path):
     assert arch_of(str(out_dir))[3] == LAYERS
     back = str(tmp_path / "hf_back")
     megatron_to_hf(str(out_dir), back)
-    from safetensors.torch import load_file
     import glob
+
+    from safetensors.torch import load_file
 
     original = load_file(f"{hf_dir}/model.safetensors")
     restored = {}
@@ -241,7 +242,7 @@ def _ppo_iteration(root: str, vp: int):
     """One GIL iteration (actor + critic trained, reference + reward model frozen and offloaded,
     a held-out evaluation, a checkpoint) at PP2 with ``vp`` chunks per rank: its metrics."""
     from gil_megatron.config import PPOConfig, load_config
-    from gil_megatron.trainer import PPOTrainer
+    from gil_megatron.ppo.trainer import PPOTrainer
 
     run_dir = os.path.join(root, f"run_vp{vp}")
     argv = [f"run_dir={run_dir}", f"models.actor={root}/actor", f"models.reward_model={root}/reward",

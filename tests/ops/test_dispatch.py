@@ -6,8 +6,10 @@ data parallelism shares the world (TP2 x DP2 on 4 gloo ranks)."""
 import pytest
 import torch
 
+from gil_megatron.ops import extension, logprob
+from gil_megatron.ops import kl as kl_op
+
 from dist_utils import spawn
-from gil_megatron.ops import logprob
 
 
 def _naive(logits, targets):
@@ -26,14 +28,14 @@ def test_the_reference_backend_runs_without_the_kernel(monkeypatch):
     def no_kernel(*args, **kwargs):
         raise AssertionError("the kernel was called on the reference backend")
 
-    monkeypatch.setattr(logprob, "kernel_backend", lambda device: "reference")
-    monkeypatch.setattr(logprob, "_warned_fallback", True)
-    monkeypatch.delenv(logprob.REQUIRE_KERNEL_ENV, raising=False)
-    for fn in ("_FusedLogprobs", "_MaskedKL"):
-        monkeypatch.setattr(getattr(logprob, fn), "apply", no_kernel)
+    monkeypatch.setattr(extension, "kernel_backend", lambda device: "reference")
+    monkeypatch.setattr(extension, "_warned_fallback", True)
+    monkeypatch.delenv(extension.REQUIRE_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(logprob._FusedLogprobs, "apply", no_kernel)
+    monkeypatch.setattr(kl_op._MaskedKL, "apply", no_kernel)
     lp, _ = logprob.vocab_parallel_logprobs(logits, targets)
     torch.testing.assert_close(lp, _naive(logits, targets))
-    kl = logprob.masked_kl(lp, ref, mask, "k1", "none")
+    kl = kl_op.masked_kl(lp, ref, mask, "k1", "none")
     torch.testing.assert_close(kl, (lp - ref) * mask)
     kl.sum().backward()
     expected = torch.autograd.grad(((_naive(logits, targets) - ref) * mask).sum(), logits)[0]
@@ -54,7 +56,7 @@ def test_out_of_range_targets_are_refused_however_few(shape):
 def _tp2_dp2_worker():
     from megatron.core import parallel_state
 
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     layout = distributed.initialize(tp=2)
     assert layout.dp == 2

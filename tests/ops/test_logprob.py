@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from gil_megatron.algo.kl import kl_per_token
-from gil_megatron.ops import logprob as L
-from gil_megatron.ops.logprob import (
+from gil_megatron.ops import extension as L
+from gil_megatron.ops import (
     kernel_backend,
     masked_kl,
     reference_masked_kl,
@@ -436,7 +436,7 @@ def test_masked_kl_threads(threads, estimator):
 def _tp_worker(full_logits, targets, w_lp, w_ent, ref, mask, full_ref_logits):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     distributed.initialize(tp=2)
     group = dist.group.WORLD

@@ -47,7 +47,7 @@ def _one_line_error(tool, argv):
 def _all_stages(root: str, data: str):
     import torch.distributed as dist
 
-    from gil_megatron import distributed
+    from gil_megatron.parallel import distributed
 
     distributed.initialize(1, 1)  # the process group, for the barrier; every run re-lays it out
     init, sft_model = os.path.join(root, "init"), os.path.join(root, "sft_tp1", "model")

@@ -55,9 +55,9 @@ def make_hf_model(path, vocab_size: int) -> str:
 
 
 def _engine_greedy(ckpt_dir, prompts, eos_id, pad_id, max_new_tokens):
-    from gil_megatron import distributed
     from gil_megatron.models.build import model_from_checkpoint
-    from gil_megatron.rollout import SamplingSettings, generate
+    from gil_megatron.parallel import distributed
+    from gil_megatron.ppo.rollout import SamplingSettings, generate
 
     layout = distributed.initialize(1, 1, seed=0)
     model = model_from_checkpoint(ckpt_dir, "actor", layout, torch.float32, trainable=False)

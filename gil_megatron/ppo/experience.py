@@ -1,0 +1,116 @@
+"""From a scored rollout batch to training targets: steps 3-4 of an iteration, in order
+(docs/design.md, "One iteration").
+
+Pure tensor code over the WHOLE rollout batch (the trainer all-gathers the per-sample tensors of
+every data-parallel rank first), so the GIL statistics (whitening, group means over the batch,
+g_high) are exactly those of the single-rank algorithm. Per-action tensors are [N, T].
+"""
+
+from typing import Dict, Optional
+
+import torch
+
+from gil_megatron.algo import gil, ppo
+from gil_megatron.algo.advantages import get_advantage_estimator
+from gil_megatron.algo.registry import Algorithm
+from gil_megatron.ops.kl import masked_kl
+from gil_megatron.ppo.objectives import ObjectiveParams, kl_coefficients
+
+
+def make_experience(
+    batch: Dict[str, torch.Tensor],
+    algo: Algorithm,
+    params: ObjectiveParams,
+    eta: float,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
+    """batch (whole rollout batch):
+        scores [N]         trained-on reward (after normalisation / clipping)
+        raw_scores [N]     the reward before normalisation (G_i for performance=whitened_score)
+        old_logprobs, ref_logprobs, values, action_mask [N, T]
+        group_logits [N, M] the critic's group head where gil.group_level reads it
+        oracle_group [N]   the data's `group` mapped by gil.known_groups (-1: none); for inference=known
+        prompt_index [N]   rows with equal index are samples of one prompt (default: all distinct)
+    eta: the KL controller's current value. generator: draws the permutation of the shuffled-weights
+    control. Returns kl, rewards, advantages, returns, kl_coef, kl_loss_coef, p_high,
+    sample_weights [N] and, with group inference, group_probs, perf, group_coeffs, weight_clip_frac.
+    """
+    mask = batch["action_mask"].float()
+    old_logprobs, values = batch["old_logprobs"], batch["values"]
+    n = mask.shape[0]
+    # 1. per-token KL_t between the rollout policy and the reference (the fused kernel's masked KL)
+    kl = masked_kl(old_logprobs, batch["ref_logprobs"], mask, params.kl_estimator, reduction="none")
+
+    # 2. GIL bookkeeping: G_i, soft group means R_g, g_high, p_high,i, the head's target
+    out: Dict[str, torch.Tensor] = {}
+    p_high = torch.ones(n)
+    if algo.group_inference:
+        q = torch.softmax(batch["group_logits"].float(), dim=-1)
+        perf = _performance(batch, params, mask)
+        _, means, _ = gil.centred_group_means(q, perf, params.variance)
+        p_high = gil.p_high(q, gil.high_group(means))
+        out.update(group_probs=q, perf=perf, group_coeffs=_group_coefficients(q, perf, batch, params))
+
+    # 3. per-token rewards with the (adaptive) KL penalty; advantages and returns
+    reward_coef, loss_coef = kl_coefficients(algo, params, eta, p_high)
+    rewards = ppo.compute_token_rewards(batch["scores"], kl, reward_coef, mask)
+    prompt_index = batch.get("prompt_index", torch.arange(n))
+    advantages, returns = get_advantage_estimator(algo.advantage)(rewards, values, mask, prompt_index,
+                                                                  params.gamma, params.lam)
+    if params.whiten_advantages:
+        advantages = ppo.masked_whiten(advantages, mask)
+
+    # 4. the group-invariant policy term as per-sample weights (ones without it)
+    weights = torch.ones(n)
+    if algo.invariance != "none":
+        raw = gil.group_invariant_weights(out["group_probs"], out["perf"], params.beta_policy, params.variance)
+        weights, clip_frac = gil.clip_weights(raw, params.weight_min, params.weight_max)
+        if algo.invariance == "shuffled":
+            weights = weights[torch.randperm(n, generator=generator)]
+        out["weight_clip_frac"] = clip_frac
+
+    out.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns, kl_coef=reward_coef + loss_coef,
+               kl_loss_coef=loss_coef, p_high=p_high, sample_weights=weights)
+    return out
+
+
+def _performance(batch: Dict[str, torch.Tensor], params: ObjectiveParams, mask: torch.Tensor) -> torch.Tensor:
+    """G_i from the rollout batch (gil.performance), never including the KL term."""
+    mode = params.performance
+    if mode == "prompt_value":
+        first = mask.argmax(dim=-1)  # first response action: its value is V(x_i) at the last prompt token
+        return gil.performance(mode, prompt_values=batch["values"].gather(1, first[:, None]).squeeze(1))
+    if mode == "whitened_score":
+        return gil.performance(mode, scores=batch["raw_scores"])
+    # task-reward returns: Monte-Carlo (values 0, lambda 1) or GAE with the critic
+    task_rewards = ppo.compute_token_rewards(batch["raw_scores"], torch.zeros_like(mask), 0.0, mask)
+    if mode == "mc_return":
+        _, returns = ppo.compute_gae(task_rewards, torch.zeros_like(mask), mask, params.gamma, 1.0)
+        return gil.performance(mode, returns=returns, response_mask=mask)
+    _, returns = ppo.compute_gae(task_rewards, batch["values"], mask, params.gamma, params.lam)
+    return gil.performance(mode, returns=returns, old_logprobs=batch["old_logprobs"], response_mask=mask)
+
+
+def _group_coefficients(q: torch.Tensor, perf: torch.Tensor, batch: Dict[str, torch.Tensor],
+                        params: ObjectiveParams) -> torch.Tensor:
+    """c = dL_group/dq [N, M] at the rollout-time assignments (see objectives.critic_loss).
+
+    inference=head: L_group = -beta_critic * V(q) + guards; exact: cross-entropy to the batch's
+    variance-maximising hard split; known: cross-entropy to the data's groups."""
+    q = q.detach().clone().requires_grad_(True)
+    if params.inference == "head":
+        loss, _ = gil.group_inference_loss(
+            q, perf, params.beta_critic, min_group_mass=params.min_group_mass,
+            mass_penalty_coef=params.mass_penalty_coef, entropy_coef=params.group_entropy_coef,
+            variance=params.variance)
+    else:
+        if params.inference == "exact":
+            labels = gil.exact_group_labels(perf, params.num_groups, params.variance)
+        else:
+            labels = batch["oracle_group"]
+            if bool((labels < 0).any()) or bool((labels >= params.num_groups).any()):
+                raise ValueError(f"gil.inference=known needs every prompt's `group` mapped to one of "
+                                 f"gil.num_groups={params.num_groups} groups (set gil.known_groups)")
+        loss, _ = gil.group_label_loss(q, gil.align_labels(labels, q), params.beta_critic)
+    (coeffs,) = torch.autograd.grad(loss, q)
+    return coeffs.detach()
