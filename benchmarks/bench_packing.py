@@ -110,7 +110,7 @@ def main():
     distributed.initialize(seed=args.seed)
     models = build(args.seed)
     trainers = {n: Trainable(models[n], OptimSettings(lr=1e-5)) for n in ("actor", "critic")}
-    params = objectives.params_from_config(PPOConfig(algo="ppo"))
+    params = objectives.ObjectiveParams.from_config(PPOConfig(algo="ppo"))
     seqs, lengths, prompt = skewed_batch(args.seed, args.mean_response)
     full = experience(seqs, lengths, prompt, args.seed)
     norm = full["action_mask"].sum() / 2

@@ -61,7 +61,7 @@ def run_layout(root: str, actor: str, tp: int, iterations: int, batch: int) -> l
             # data.eval_prompts={} would keep the YAML's paths); evaluated once, after the last step
             *(f"data.eval_prompts.{s}={root}/data/prompts_{s}.jsonl" for s in ("eval", "ood")), "train.eval_every=0",
             f"rollout.batch_size={batch}", f"ppo.mini_batch_size={batch // 2}", f"ppo.micro_batch_size={batch // 2}",
-            f"rollout.micro_batch_size={batch}", f"train.iterations={iterations}", "train.save_every=0",
+            f"rollout.micro_batch_size={batch}", f"train.steps={iterations}", "train.save_every=0",
             "checkpoint.resume=none", "logging.progress=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),

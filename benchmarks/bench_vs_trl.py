@@ -145,7 +145,7 @@ def ours_argv(root: str, run_dir: str, updates: int, tp: int = 1, old_logprobs: 
             "data.max_prompt_length=32", f"rollout.batch_size={BATCH}", f"rollout.max_new_tokens={NEW_TOKENS}",
             "rollout.temperature=0.7", f"rollout.micro_batch_size={BATCH // tp if tp > 1 else BATCH}",
             "ppo.epochs=1", f"ppo.mini_batch_size={BATCH // 2}", f"ppo.micro_batch_size={BATCH // 2}",
-            "ppo.kl_coef=0.05", "models.dtype=fp32", f"train.iterations={updates + 1}", "train.save_every=0",
+            "ppo.kl_coef=0.05", "models.dtype=fp32", f"train.steps={updates + 1}", "train.save_every=0",
             "checkpoint.resume=none", "logging.progress=false",
             f"rollout.logprobs_from_decode={str(old_logprobs == 'decode').lower()}",
             f"train.sequence_packing={str(packing).lower()}"]

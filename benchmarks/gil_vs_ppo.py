@@ -137,7 +137,7 @@ PROTOCOLS: Dict[str, Tuple[Arm, ...]] = {
         *(_grid_arm(a, kl, SEEDS_5) for kl in KL_GRID for a in ("ppo", "gil")),
         Arm("gil_v1", "gil_v1", (), SEEDS_3, note="control: GIL v1 (response-level, unweighted, beta_policy 1)"),
         Arm("gil_no_invariance", "gil_no_invariance", (), SEEDS_3, note="control: adaptive KL only"),
-        Arm("gil_no_adaptive_kl", "gil_no_adaptive_kl", (), SEEDS_3, note="control: invariance term only"),
+        Arm("gil_no_adaptive_kl", "gil_no_group_kl", (), SEEDS_3, note="control: invariance term only"),
         Arm("gil_known", "gil", ("gil.inference=known", *KNOWN_GROUPS), SEEDS_3,
             note="control: oracle groups (the known easy/hard families)"),
         Arm("gil_shuffled_weights", "gil_shuffled_weights", (), SEEDS_3,
@@ -339,7 +339,7 @@ def run_worker(plan_path: str) -> None:
             critic = trainer.critic if trainer.algo.group_inference else None
             rm = trainer.reward_model if trainer.reward_model is not None else load_rm(trainer.layout)
             samples = _evaluate(plan, trainer.actor, tokenizer, pad_id, rm, trainer.reference, critic, datasets,
-                                group_level=trainer.params.group_level)
+                                group_level=trainer.params.gil.group_level)
             extra = {"job": job, "train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s,
                      "iterations": trainer.iteration}
             del trainer, rm
@@ -389,7 +389,7 @@ def ensure_stages(args) -> Dict[str, str]:
     if missing:
         print(f"[gil_vs_ppo] missing {', '.join(missing)}: running the embedded default's stages "
               "(examples/run_gil_ppo.sh)", flush=True)
-        _run(["bash", "examples/run_gil_ppo.sh", "train.iterations=0", "logging.progress=false",
+        _run(["bash", "examples/run_gil_ppo.sh", "train.steps=0", "logging.progress=false",
               f"run_dir={os.path.join(args.workdir, 'stage_check')}"], env=stage_env)
     if any(a.policy == "dpo" for a in args.arm_list):
         dpo = args.dpo or os.path.join(MINI, "dpo", "model")
@@ -430,7 +430,7 @@ def make_plan(args, paths) -> dict:
                 f"algo={arm.algo}", f"seed={seed}", f"run_dir={run_dir}", f"parallel.tp={args.tp}",
                 f"models.actor={paths['sft']}", *reward, f"models.gold_reward_fn={GOLD_FN}",
                 f"data.train_prompts={os.path.join(data, 'prompts_train.jsonl')}",
-                f"train.iterations={args.iterations}", "train.eval_every=0",
+                f"train.steps={args.iterations}", "train.eval_every=0",
                 "train.save_every=0", "checkpoint.resume=none", "checkpoint.keep_last=1", "logging.progress=false",
                 *arm.overrides, *args.overrides]
             jobs.append({"kind": "train", "name": name, "arm": arm.name, "algo": arm.algo, "seed": seed,
@@ -604,7 +604,7 @@ def run_metrics(run_dir: str) -> dict:
 
 DIAGNOSTICS = [  # training metrics averaged over the last 20% of iterations: (metrics.jsonl key, name)
     ("policy/entropy", "entropy"), ("rollout/response_length", "response_length"), ("kl/mean", "train_kl"),
-    ("kl/coef_effective_mean", "kl_coef_effective"), ("gil/known_agreement", "agreement_families"),
+    ("kl/sample_coef_mean", "kl_coef_effective"), ("gil/known_agreement", "agreement_families"),
     ("gil/weight_min", "weight_min"), ("gil/weight_max", "weight_max"), ("gil/weight_mean", "weight_mean"),
     ("gil/weight_clip_frac", "weight_clip_frac"),
 ]

@@ -62,7 +62,7 @@ def overrides(out: str, run_dir: str, iterations: int, resume: str):
             f"data.train_prompts={data}/prompts_train.jsonl", "data.max_prompt_length=16",
             "rollout.batch_size=64", "rollout.max_new_tokens=32", "rollout.micro_batch_size=32",
             "ppo.mini_batch_size=32", "ppo.micro_batch_size=16", "ppo.epochs=1",
-            f"train.iterations={iterations}", "train.save_every=0", f"checkpoint.resume={resume}",
+            f"train.steps={iterations}", "train.save_every=0", f"checkpoint.resume={resume}",
             "logging.progress=false", "actor_optim.lr=1e-5", "critic_optim.lr=1e-5", "algo=gil"]
 
 
@@ -136,7 +136,7 @@ def main() -> int:
         ("layer spec", "transformer-engine" if straight["te"] else "megatron-core local (TE not importable)"),
         ("params per model", f"{prep['params'] / 1e6:.1f} M (actor, reference, critic, reward)"),
         ("dtype / optimizer", f"{straight['dtype']} / {straight['optimizer']}"),
-        (f"GIL-PPO iterations", f"{n} (batch 64 prompts, 32 new tokens)"),
+        ("GIL-PPO iterations", f"{n} (batch 64 prompts, 32 new tokens)"),
         ("time per iteration", f"{straight['s_per_iter']:.2f} s (first includes warm-up)"),
         ("generation tokens/s", f"{tokens_s:.0f}"),
         ("peak GPU memory", f"{peak / 2**30:.2f} GiB"),

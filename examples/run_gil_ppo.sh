@@ -3,7 +3,7 @@
 #
 #   bash examples/run_gil_ppo.sh                          the embedded default: the CPU miniature, end to end
 #   bash examples/run_gil_ppo.sh CONFIG.yaml [key=value ...]   PPO/GIL with your config and overrides
-#   bash examples/run_gil_ppo.sh train.iterations=20 run_dir=runs/x   the default, with overrides
+#   bash examples/run_gil_ppo.sh train.steps=20 run_dir=runs/x   the default, with overrides
 #   bash examples/run_gil_ppo.sh --verbose ...            also show known-harmless third-party warnings
 #   bash examples/run_gil_ppo.sh --help                   this text
 #

@@ -16,6 +16,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
+# Config keys that were renamed: old dotted key -> new one (a one-line error names the new key).
+RENAMED_KEYS = {
+    "train.iterations": "train.steps",
+    "gil.adaptive_kl_normalize": "gil.group_kl_normalize",
+}
+
 
 @dataclass
 class OptimSettings:
@@ -151,6 +157,10 @@ class DataSourceOptions:
         _require(self.chat_template in ("auto", "none") or os.path.isfile(self.chat_template),
                  f"data.chat_template={self.chat_template!r}: not a file; valid: auto, none, or a Jinja file path")
         _require(self.num_proc is None or self.num_proc >= 1, f"data.num_proc={self.num_proc} must be >= 1")
+        from gil_megatron.data.datasets import TOO_LONG_POLICIES
+
+        too_long = getattr(self, "too_long", None)
+        _require(too_long in TOO_LONG_POLICIES, f"data.too_long={too_long!r}; valid: {', '.join(TOO_LONG_POLICIES)}")
 
 
 @dataclass
@@ -167,7 +177,6 @@ class DataConfig(DataSourceOptions):
 
     def validate(self):
         _require(self.max_prompt_length > 0, f"data.max_prompt_length={self.max_prompt_length} must be > 0")
-        _require(self.too_long in ("error", "drop"), f"data.too_long={self.too_long!r}; valid: error, drop")
         self._check_sources()
 
     def sources(self) -> Dict[str, str]:
@@ -239,13 +248,17 @@ class PPOSettings:
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05
-    """Initial / fixed KL coefficient (eta of the paper)."""
+    """eta, the KL coefficient (the paper's eta): fixed, or the starting value of the adaptive
+    controller when ppo.target_kl is set. Logged as kl/coef; GIL scales it per sample (kl/sample_coef_mean)."""
     kl_estimator: str = "k1"
     kl_in: str = "reward"
     """reward (per-token penalty, the paper's) | loss (GRPO-style KL loss term)"""
     target_kl: Optional[float] = None
-    """Adaptive KL controller target (Ziegler et al.); null = fixed coefficient."""
+    """Target of the adaptive KL controller (Ziegler et al. 2019: eta follows the batch's kl/mean
+    toward this many nats per sequence); null = eta stays ppo.kl_coef."""
     kl_horizon: int = 10000
+    """The adaptive controller's horizon in samples: eta moves by at most a factor
+    exp(0.2 * batch / horizon) per iteration."""
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
     normalize_reward: bool = False
@@ -258,11 +271,17 @@ class PPOSettings:
         _require(self.clip_eps > 0, f"ppo.clip_eps={self.clip_eps} must be > 0")
         _require(self.clip_ratio_c is None or self.clip_ratio_c > 1, f"ppo.clip_ratio_c={self.clip_ratio_c} must be > 1")
         _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"ppo.gamma={self.gamma}, ppo.lam={self.lam} must be in [0, 1]")
-        _require(self.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator={self.kl_estimator!r}; valid: k1, k2, k3")
-        _require(self.kl_in in ("reward", "loss"), f"ppo.kl_in={self.kl_in!r}; valid: reward, loss")
+        from gil_megatron.algo.kl import KL_ESTIMATORS
+        from gil_megatron.algo.ppo import KL_PLACEMENTS, LOSS_AGG_MODES
+
+        _require(self.kl_estimator in KL_ESTIMATORS,
+                 f"ppo.kl_estimator={self.kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+        _require(self.kl_in in KL_PLACEMENTS, f"ppo.kl_in={self.kl_in!r}; valid: {', '.join(KL_PLACEMENTS)}")
         _require(self.kl_coef >= 0, f"ppo.kl_coef={self.kl_coef} must be >= 0")
-        _require(self.loss_agg_mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
-                 f"ppo.loss_agg_mode={self.loss_agg_mode!r}; valid: token_mean, seq_mean_token_mean, seq_mean_token_sum")
+        _require(self.target_kl is None or self.target_kl > 0, f"ppo.target_kl={self.target_kl} must be > 0 (or null)")
+        _require(self.kl_horizon > 0, f"ppo.kl_horizon={self.kl_horizon} must be > 0")
+        _require(self.loss_agg_mode in LOSS_AGG_MODES,
+                 f"ppo.loss_agg_mode={self.loss_agg_mode!r}; valid: {', '.join(LOSS_AGG_MODES)}")
 
 
 @dataclass
@@ -299,27 +318,34 @@ class GILSettings:
     """Upper clip of the invariance weights (null = none): no sample gets more than this share."""
     min_group_mass: Optional[float] = None
     """Anti-collapse hinge on a group's batch-mean mass; null = 0 under mass_weighted (not needed),
-    0.1 under unweighted."""
+    0.1 under unweighted (group_mass_floor())."""
     mass_penalty_coef: float = 1.0
     entropy_coef: float = 0.0
     """Anti-collapse: bonus on the entropy of the batch-mean assignment."""
-    adaptive_kl_normalize: bool = False
-    """Use eta * p_high_i / mean_i(p_high_i): the batch's mean KL coefficient equals PPO's eta
-    (for KL-matched comparisons)."""
+    group_kl_normalize: bool = False
+    """GIL's group-scaled KL (the paper's "adaptive KL penalty": sample i's KL coefficient is
+    eta * p_high,i) divided by mean_i(p_high,i), so that the batch's mean coefficient equals eta
+    (for comparisons at equal mean coefficient)."""
     detach_trunk: bool = False
     """Stop the group head's gradient at the critic trunk."""
 
+    def group_mass_floor(self) -> float:
+        """min_group_mass, or its default for the variance (null: 0 mass_weighted, 0.1 unweighted)."""
+        if self.min_group_mass is not None:
+            return self.min_group_mass
+        return 0.0 if self.variance == "mass_weighted" else 0.1
+
     def validate(self):
-        from gil_megatron.algo.gil import PERFORMANCE_MODES, VARIANCES
+        from gil_megatron.algo.gil import GROUP_LEVELS, INFERENCE_MODES, PERFORMANCE_MODES, VARIANCES
 
         _require(self.num_groups >= 2, f"gil.num_groups={self.num_groups} must be >= 2")
-        _require(self.group_level in ("prompt", "response"),
-                 f"gil.group_level={self.group_level!r}; valid: prompt, response")
+        _require(self.group_level in GROUP_LEVELS,
+                 f"gil.group_level={self.group_level!r}; valid: {', '.join(GROUP_LEVELS)}")
         _require(self.performance in PERFORMANCE_MODES,
                  f"gil.performance={self.performance!r}; valid: {', '.join(PERFORMANCE_MODES)}")
         _require(self.variance in VARIANCES, f"gil.variance={self.variance!r}; valid: {', '.join(VARIANCES)}")
-        _require(self.inference in ("head", "exact", "known"),
-                 f"gil.inference={self.inference!r}; valid: head, exact, known")
+        _require(self.inference in INFERENCE_MODES,
+                 f"gil.inference={self.inference!r}; valid: {', '.join(INFERENCE_MODES)}")
         _require(not (self.inference == "exact" and self.variance == "unweighted" and self.num_groups > 2),
                  "gil.inference=exact with gil.variance=unweighted supports gil.num_groups=2 only; "
                  "use gil.variance=mass_weighted")
@@ -335,27 +361,40 @@ class GILSettings:
 
 
 @dataclass
-class TrainConfig:
-    iterations: int = 100
+class LoopConfig:
+    """When the training loop (gil_megatron/training/loop.py) steps, evaluates, saves and gives up:
+    the same knobs for every job. A PPO step is one iteration (rollout, scoring, update); a stage's
+    step is one optimizer step."""
+
+    steps: int = 100
+    """Steps to train (a resumed run continues up to this many)."""
     eval_every: int = 0
-    """Evaluate data.eval_prompts every N iterations (0 = only at the end)."""
+    """Evaluate every N steps (0 = only at the end)."""
     save_every: int = 0
-    """Checkpoint every N iterations (0 = only at the end)."""
+    """Checkpoint every N steps (0 = only at the end)."""
     max_bad_steps: int = 3
-    """Stop after this many consecutive iterations with non-finite values (each is skipped)."""
+    """Stop after this many consecutive steps with non-finite values (each one is skipped)."""
     recompute: str = "none"
     """Activation recomputation of the trained models: none | selective (core attention) | full
     (whole layers); less activation memory for more compute, same math."""
+
+    def validate(self):
+        _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        _require(self.eval_every >= 0 and self.save_every >= 0,
+                 f"train.eval_every={self.eval_every} and train.save_every={self.save_every} must be >= 0")
+        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The PPO job's loop (a step = one iteration) and its forwards."""
+
     sequence_packing: bool = False
     """Run the scoring and training forwards packed: each micro-batch's real tokens as one row, no
     padding (gil_megatron/models/packing.py; docs/design.md). Same results as padded within float
     rounding; faster the more the lengths in a batch differ (benchmarks/bench_packing.py). Off by
     default until the transformer-engine (GPU) attention path has been run with it."""
-
-    def validate(self):
-        _require(self.iterations >= 0, f"train.iterations={self.iterations} must be >= 0")
-        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
-        _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
 
 
 @dataclass
@@ -379,15 +418,29 @@ class LoggingConfig:
 
 
 @dataclass
-class PPOConfig:
+class RunConfig:
+    """What every training run has (PPO and the stages; gil_megatron/training/run.py)."""
+
+    run_dir: str = "runs/run"
+    """metrics.jsonl, config.json, checkpoints/ and (by default) the final model go here."""
+    seed: int = 1234
+    """Every random stream of the run derives from it (gil_megatron/seeds.py)."""
+    output: Optional[str] = None
+    """Where the final trained model is written as a model directory (our format, any layout
+    loads it); null: run_dir/model. PPO writes the policy (the actor)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class PPOConfig(RunConfig):
     """The rollout-then-train job of examples/run_gil_ppo.sh."""
 
     run_dir: str = "runs/gil_ppo"
-    seed: int = 1234
     algo: str = "gil"
-    """An entry of the objective registry (gil_megatron/ppo/objectives.py; `python -m
-    gil_megatron.ppo.objectives` lists them): ppo, ppo_no_kl, gil, gil_v1, the GIL ablations, ..."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """An entry of the algorithm registry (gil_megatron/algo/registry.py; `python -m
+    gil_megatron.algo.registry` lists them): ppo, ppo_no_kl, gil, gil_v1, the GIL ablations, grpo, ..."""
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -397,12 +450,19 @@ class PPOConfig:
     actor_optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-6))
     critic_optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=5e-6))
     train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self):
+    @staticmethod
+    def presets(merged) -> Dict[str, tuple]:
+        """The keys the chosen algorithm fixes: {dotted key: (value, why)} (load_config applies them)."""
         from gil_megatron.algo.registry import ALGORITHMS
 
+        algo = ALGORITHMS.get(merged.algo)
+        return {key: (value, f"algo={algo.name}") for key, value in algo.fixed.items()} if algo else {}
+
+    def validate(self):
+        from gil_megatron.algo.registry import ALGORITHMS, RENAMED_ALGORITHMS
+
+        _require(self.algo not in RENAMED_ALGORITHMS, f"algo={self.algo} was renamed: use algo={RENAMED_ALGORITHMS.get(self.algo)}")
         _require(self.algo in ALGORITHMS, f"algo={self.algo!r}; valid: {', '.join(ALGORITHMS)}")
         n_seq = self.rollout.batch_size * self.rollout.n_samples_per_prompt
         _require(n_seq % self.ppo.mini_batch_size == 0,
@@ -435,15 +495,32 @@ class PPOConfig:
 
 
 def load_config(schema: Type[T], yaml_path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
-    """Structured schema <- YAML <- dotted overrides; returns the validated dataclass instance."""
+    """Structured schema <- YAML <- dotted overrides <- the schema's presets; returns the validated
+    dataclass instance.
+
+    Presets (``schema.presets(merged)``: dotted key -> value, e.g. what an algorithm fixes) replace
+    the defaults of their keys; a key the user set (in the YAML or an override) to a different
+    value is an error naming the key, the reason and the value it requires, never a silent override."""
     try:
         base = OmegaConf.structured(schema)
+        user = OmegaConf.create()
         if yaml_path is not None:
-            base = OmegaConf.merge(base, OmegaConf.load(_existing(yaml_path)))
+            user = OmegaConf.load(_existing(yaml_path))
         for o in overrides:
             _require("=" in o, f"override {o!r} must look like key.path=value (e.g. ppo.kl_coef=0.05)")
         if overrides:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        explicit = _dotted_keys(OmegaConf.to_container(user))
+        for old in explicit:
+            if old in RENAMED_KEYS:
+                raise ConfigError(f"config key {old} was renamed: use {RENAMED_KEYS[old]}")
+        base = OmegaConf.merge(base, user)
+        if hasattr(schema, "presets"):
+            for key, (value, why) in schema.presets(base).items():
+                if key in explicit and explicit[key] != value:
+                    raise ConfigError(f"{key}={explicit[key]!r} conflicts with {why}, which requires "
+                                      f"{key}={value!r}; remove the key or choose another setting")
+                OmegaConf.update(base, key, value, merge=False)
         for key in sorted(OmegaConf.missing_keys(base)):
             raise ConfigError(f"config key {key} has no value; set it in the YAML or as {key}=...")
         cfg = OmegaConf.to_object(base)
@@ -451,6 +528,17 @@ def load_config(schema: Type[T], yaml_path: Optional[str] = None, overrides: Seq
         raise ConfigError(_one_line(exc)) from None
     validate_tree(cfg)
     return cfg
+
+
+def _dotted_keys(tree, prefix: str = "") -> Dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the keys a user set and their values."""
+    out: Dict[str, object] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out[key] = v
+            out.update(_dotted_keys(v, key))
+    return out
 
 
 def validate_tree(cfg, path: str = "") -> None:
@@ -515,7 +603,6 @@ class StageDataConfig(DataSourceOptions):
 
     def validate(self):
         _require(self.max_length > 0, f"data.max_length={self.max_length} must be > 0")
-        _require(self.too_long in ("error", "drop"), f"data.too_long={self.too_long!r}; valid: error, drop")
         self._check_sources()
 
     def sources(self) -> Dict[str, str]:
@@ -524,27 +611,18 @@ class StageDataConfig(DataSourceOptions):
 
 
 @dataclass
-class StageTrainConfig:
-    steps: int = 100
-    """Optimizer steps."""
+class StageTrainConfig(LoopConfig):
+    """A stage's loop (a step = one optimizer step) and its batches."""
+
     global_batch_size: int = 32
     """Examples (or pairs) per optimizer step across data-parallel ranks."""
     micro_batch_size: int = 8
     """Examples per forward/backward per data-parallel rank (gradient accumulation fills the rest)."""
-    eval_every: int = 0
-    """Evaluate data.eval every N steps (0 = only at the end)."""
-    save_every: int = 0
-    """Checkpoint every N steps (0 = only at the end)."""
-    max_bad_steps: int = 3
-    """Stop after this many consecutive steps with non-finite gradients (each is skipped)."""
     eval_batch_size: int = 64
-    recompute: str = "none"
-    """Activation recomputation: none | selective (core attention) | full (whole layers)."""
+    """Examples per evaluation batch (global; a multiple of the data-parallel size)."""
 
     def validate(self):
-        _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
-        _require(self.max_bad_steps >= 1, f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
-        _require(self.recompute in RECOMPUTE, f"train.recompute={self.recompute!r}; valid: {', '.join(RECOMPUTE)}")
+        super().validate()
         _require(self.global_batch_size > 0 and self.micro_batch_size > 0,
                  "train.global_batch_size and train.micro_batch_size must be > 0")
 
@@ -555,23 +633,17 @@ class StageTrainConfig:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(RunConfig):
     """Shared by SFT, reward-model and DPO training."""
 
     run_dir: str = "runs/stage"
-    seed: int = 1234
     init: str = "???"
     """Checkpoint (our sharded format) to start from."""
     tokenizer: Optional[str] = None
     """Directory with tokenizer.json; defaults to ``init``."""
-    output: Optional[str] = None
-    """Where the final model is written (our format); defaults to run_dir/model."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: StageDataConfig = field(default_factory=StageDataConfig)
     train: StageTrainConfig = field(default_factory=StageTrainConfig)
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5))
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 @dataclass

@@ -47,7 +47,7 @@ def overrides(mini, run_dir, **extra):
         "data.eval_prompts": "{}", "data.max_prompt_length": 12,
         "rollout.batch_size": 16, "rollout.max_new_tokens": 8, "rollout.micro_batch_size": 8,
         "ppo.mini_batch_size": 8, "ppo.micro_batch_size": 4, "ppo.epochs": 2,
-        "train.iterations": 1, "train.eval_every": 0, "train.save_every": 0,
+        "train.steps": 1, "train.eval_every": 0, "train.save_every": 0,
         "checkpoint.resume": "none", "logging.progress": False,
         "actor_optim.lr": 1e-3, "critic_optim.lr": 1e-3,
     }

@@ -50,7 +50,7 @@ def test_keys_lists_every_key_with_its_doc(capsys):
     cli.main(["keys", "sft"])
     out = capsys.readouterr().out
     assert "data.keys.prompt = 'prompt'    # The prompt: a string, or a conversation" in out
-    assert "data.chat_template = 'auto'" in out and "train.steps = 100    # Optimizer steps." in out
+    assert "data.chat_template = 'auto'" in out and "train.steps = 100    # Steps to train" in out
 
 
 def test_stage_entry_points_answer_help(capsys):

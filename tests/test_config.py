@@ -68,11 +68,22 @@ def test_overrides_from_argv():
     ("critic_optim.lr=0", ("critic_optim.lr=0", "> 0")),  # the optimizer section's real path
     ("actor_optim.decay_style=step", ("actor_optim.decay_style='step'", "cosine")),
     ("models.reward_fn=not_a_spec", ("models.reward_fn='not_a_spec'", "package.module:function")),
+    ("train.iterations=5", ("config key train.iterations was renamed: use train.steps",)),
+    ("gil.adaptive_kl_normalize=true", ("gil.adaptive_kl_normalize was renamed: use gil.group_kl_normalize",)),
+    ("algo=gil_no_adaptive_kl", ("algo=gil_no_adaptive_kl was renamed: use algo=gil_no_group_kl",)),
+    ("ppo.target_kl=0", ("ppo.target_kl=0", "> 0")),
+    ("data.too_long=truncate", ("data.too_long='truncate'", "valid: error, drop")),
 ])
 def test_errors_name_the_field_and_the_fix(override, needles):
     message = error_of(PPOConfig, *REQUIRED, override)
     for needle in needles:
         assert needle in message, (override, message)
+
+
+def test_a_renamed_key_in_a_yaml_names_the_new_one(tmp_path):
+    yaml = tmp_path / "old.yaml"
+    yaml.write_text("train:\n  iterations: 20\n")
+    assert error_of(PPOConfig, *REQUIRED, yaml_path=str(yaml)) == "config key train.iterations was renamed: use train.steps"
 
 
 def test_cross_field_checks():

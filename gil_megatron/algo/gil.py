@@ -11,9 +11,11 @@ marked there and in the docstrings):
     2. group invariant policy  the policy is trained to maximise return AND to minimise that
                                variance (help the hard group, stop over-optimising the easy one)
                                -> group_invariant_policy_loss, group_invariant_weights, gil_policy_loss
-    3. adaptive KL penalty     samples likely to belong to the high-performing group get a larger
-                               KL penalty: kl_coef_i = eta * p_phi(g_high | x_i, y_i)
-                               -> high_group, p_high, adaptive_kl_coef
+    3. group-scaled KL         samples likely to belong to the high-performing group get a larger
+                               KL penalty: kl_coef_i = eta * p_phi(g_high | x_i, y_i) (the paper's
+                               "adaptive KL penalty"; named apart from the adaptive KL controller
+                               of Ziegler et al., which moves eta itself)
+                               -> high_group, p_high, group_kl_coef
 
 Notation (one rollout batch): N sequences i, M groups g (default 2).
 
@@ -59,6 +61,8 @@ Index = Union[int, torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 
 PERFORMANCE_MODES = ("prompt_value", "whitened_score", "mc_return", "surrogate")
+GROUP_LEVELS = ("prompt", "response")  # where the group head reads the critic trunk (gil.group_level)
+INFERENCE_MODES = ("head", "exact", "known")  # how the groups are inferred (gil.inference)
 
 
 def performance(
@@ -231,8 +235,8 @@ def p_high(group_probs: torch.Tensor, g_high: Index) -> torch.Tensor:
     return group_probs.detach().gather(1, index.expand(group_probs.shape[0], 1)).squeeze(1)
 
 
-def adaptive_kl_coef(eta: float, p_high: torch.Tensor, normalize: bool = False, eps: float = 1e-8) -> torch.Tensor:
-    """Adaptive KL penalty (arXiv 2310.11971): per-sample coefficient kl_coef_i = eta * p_high,i,
+def group_kl_coef(eta: float, p_high: torch.Tensor, normalize: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """Group-scaled KL (the paper's adaptive KL penalty, arXiv 2310.11971): per-sample coefficient kl_coef_i = eta * p_high,i,
     detached, [N]. Feed it to ``ppo.compute_token_rewards`` as kl_coef. With the group head off pass
     p_high = ones(N): plain PPO with a fixed KL coefficient eta; eta = 0: no KL term.
 

@@ -296,6 +296,10 @@ def _seq_mean_token_sum(per_token, mask, normalizer):
     return _seq_mean(masked_sum(per_token, mask, dim=-1), mask, normalizer)
 
 
+# Where the KL-to-reference term goes (ppo.kl_in): a per-token penalty in the reward (Ziegler et al.,
+# InstructGPT, the GIL paper) or a term of the policy loss (GRPO).
+KL_PLACEMENTS = ("reward", "loss")
+
 LOSS_AGG_MODES: Dict[str, Callable[..., torch.Tensor]] = {
     "token_mean": _token_mean,  # sum over all tokens / number of tokens
     "seq_mean_token_mean": _seq_mean_token_mean,  # mean within a sequence, then over sequences

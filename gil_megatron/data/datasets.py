@@ -37,6 +37,7 @@ from gil_megatron.parallel import collectives
 
 logger = logging.getLogger("gil_megatron.data")
 
+TOO_LONG_POLICIES = ("error", "drop")  # data.too_long
 TooLong = Literal["error", "drop"]
 CACHE_VERSION = 1  # bump when the tokenization conventions change
 

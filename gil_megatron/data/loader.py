@@ -12,13 +12,15 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from gil_megatron import seeds
 from gil_megatron.data.sources import DataError
 
 
 class DistributedBatchSampler:
     """Deterministic, resumable global batches of indices, sharded over data-parallel ranks.
 
-    Epoch e visits the dataset in the order `torch.randperm(n, generator=seed + e)` (or 0..n-1
+    Epoch e visits the dataset in the order `torch.randperm(n)` of the seed stream
+    (seed, "data_order", e) (gil_megatron/seeds.py) (or 0..n-1
     without shuffle), in global batches of `global_batch_size`; the last incomplete batch of an
     epoch is dropped so that every step has the same size. The cursor is (epoch, position), the
     index into that epoch's order: it is all `state_dict()` needs, so resume is exact.
@@ -65,7 +67,7 @@ class DistributedBatchSampler:
     def _epoch_order(self) -> torch.Tensor:
         if self._order_epoch != self.epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                g = seeds.generator(self.seed, "data_order", self.epoch)
                 self._order = torch.randperm(self.num_samples, generator=g)
             else:
                 self._order = torch.arange(self.num_samples)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from gil_megatron import seeds
 from gil_megatron.algo.gil import assignment_agreement
 from gil_megatron.data import PromptDataset, eval_batches
 from gil_megatron.models.pipeline import broadcast_from_last_stage, run_microbatches
@@ -137,7 +138,7 @@ def generate_and_score(actor: torch.nn.Module, dataset: PromptDataset, scorers: 
     if batch_size % dp:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the data-parallel size {dp}")
     # the same stream on every TP/PP rank of a replica (sampling must agree), different across DP
-    generator = torch.Generator().manual_seed(seed * 1000 + dp_rank)
+    generator = seeds.generator(seed, "eval_sampling", dp_rank)
     device = distributed.device()
     records: List[dict] = []
     for batch in eval_batches(dataset, batch_size, pad_token_id=scorers.pad_token_id, dp_rank=dp_rank, dp_size=dp):

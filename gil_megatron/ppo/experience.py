@@ -14,7 +14,8 @@ from gil_megatron.algo import gil, ppo
 from gil_megatron.algo.advantages import get_advantage_estimator
 from gil_megatron.algo.registry import Algorithm
 from gil_megatron.ops.kl import masked_kl
-from gil_megatron.ppo.objectives import ObjectiveParams, kl_coefficients
+from gil_megatron.ppo.kl_penalty import sample_kl_coefficients
+from gil_megatron.ppo.objectives import ObjectiveParams
 
 
 def make_experience(
@@ -31,15 +32,17 @@ def make_experience(
         group_logits [N, M] the critic's group head where gil.group_level reads it
         oracle_group [N]   the data's `group` mapped by gil.known_groups (-1: none); for inference=known
         prompt_index [N]   rows with equal index are samples of one prompt (default: all distinct)
-    eta: the KL controller's current value. generator: draws the permutation of the shuffled-weights
-    control. Returns kl, rewards, advantages, returns, kl_coef, kl_loss_coef, p_high,
-    sample_weights [N] and, with group inference, group_probs, perf, group_coeffs, weight_clip_frac.
+    eta: the KL coefficient of this iteration (kl_penalty.KLPenalty.eta). generator: draws the
+    permutation of the shuffled-weights control. Returns kl, rewards, advantages, returns [N, T];
+    sample_kl_coef (eta_i, wherever ppo.kl_in puts it), kl_loss_coef (eta_i in the loss, else 0),
+    p_high, sample_weights [N] and, with group inference, group_probs, perf, group_coeffs,
+    weight_clip_frac.
     """
     mask = batch["action_mask"].float()
     old_logprobs, values = batch["old_logprobs"], batch["values"]
     n = mask.shape[0]
     # 1. per-token KL_t between the rollout policy and the reference (the fused kernel's masked KL)
-    kl = masked_kl(old_logprobs, batch["ref_logprobs"], mask, params.kl_estimator, reduction="none")
+    kl = masked_kl(old_logprobs, batch["ref_logprobs"], mask, params.ppo.kl_estimator, reduction="none")
 
     # 2. GIL bookkeeping: G_i, soft group means R_g, g_high, p_high,i, the head's target
     out: Dict[str, torch.Tensor] = {}
@@ -47,36 +50,37 @@ def make_experience(
     if algo.group_inference:
         q = torch.softmax(batch["group_logits"].float(), dim=-1)
         perf = _performance(batch, params, mask)
-        _, means, _ = gil.centred_group_means(q, perf, params.variance)
+        _, means, _ = gil.centred_group_means(q, perf, params.gil.variance)
         p_high = gil.p_high(q, gil.high_group(means))
         out.update(group_probs=q, perf=perf, group_coeffs=_group_coefficients(q, perf, batch, params))
 
-    # 3. per-token rewards with the (adaptive) KL penalty; advantages and returns
-    reward_coef, loss_coef = kl_coefficients(algo, params, eta, p_high)
+    # 3. per-token rewards with the KL penalty (eta_i: kl_penalty.py); advantages and returns
+    reward_coef, loss_coef = sample_kl_coefficients(algo, params.ppo.kl_in, eta, p_high, params.gil.group_kl_normalize)
     rewards = ppo.compute_token_rewards(batch["scores"], kl, reward_coef, mask)
     prompt_index = batch.get("prompt_index", torch.arange(n))
     advantages, returns = get_advantage_estimator(algo.advantage)(rewards, values, mask, prompt_index,
-                                                                  params.gamma, params.lam)
-    if params.whiten_advantages:
+                                                                  params.ppo.gamma, params.ppo.lam)
+    if params.ppo.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, mask)
 
     # 4. the group-invariant policy term as per-sample weights (ones without it)
     weights = torch.ones(n)
     if algo.invariance != "none":
-        raw = gil.group_invariant_weights(out["group_probs"], out["perf"], params.beta_policy, params.variance)
-        weights, clip_frac = gil.clip_weights(raw, params.weight_min, params.weight_max)
+        g = params.gil
+        raw = gil.group_invariant_weights(out["group_probs"], out["perf"], g.beta_policy, g.variance)
+        weights, clip_frac = gil.clip_weights(raw, g.weight_min, g.weight_max)
         if algo.invariance == "shuffled":
             weights = weights[torch.randperm(n, generator=generator)]
         out["weight_clip_frac"] = clip_frac
 
-    out.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns, kl_coef=reward_coef + loss_coef,
+    out.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns, sample_kl_coef=reward_coef + loss_coef,
                kl_loss_coef=loss_coef, p_high=p_high, sample_weights=weights)
     return out
 
 
 def _performance(batch: Dict[str, torch.Tensor], params: ObjectiveParams, mask: torch.Tensor) -> torch.Tensor:
     """G_i from the rollout batch (gil.performance), never including the KL term."""
-    mode = params.performance
+    mode, gamma, lam = params.gil.performance, params.ppo.gamma, params.ppo.lam
     if mode == "prompt_value":
         first = mask.argmax(dim=-1)  # first response action: its value is V(x_i) at the last prompt token
         return gil.performance(mode, prompt_values=batch["values"].gather(1, first[:, None]).squeeze(1))
@@ -85,9 +89,9 @@ def _performance(batch: Dict[str, torch.Tensor], params: ObjectiveParams, mask: 
     # task-reward returns: Monte-Carlo (values 0, lambda 1) or GAE with the critic
     task_rewards = ppo.compute_token_rewards(batch["raw_scores"], torch.zeros_like(mask), 0.0, mask)
     if mode == "mc_return":
-        _, returns = ppo.compute_gae(task_rewards, torch.zeros_like(mask), mask, params.gamma, 1.0)
+        _, returns = ppo.compute_gae(task_rewards, torch.zeros_like(mask), mask, gamma, 1.0)
         return gil.performance(mode, returns=returns, response_mask=mask)
-    _, returns = ppo.compute_gae(task_rewards, batch["values"], mask, params.gamma, params.lam)
+    _, returns = ppo.compute_gae(task_rewards, batch["values"], mask, gamma, lam)
     return gil.performance(mode, returns=returns, old_logprobs=batch["old_logprobs"], response_mask=mask)
 
 
@@ -97,20 +101,20 @@ def _group_coefficients(q: torch.Tensor, perf: torch.Tensor, batch: Dict[str, to
 
     inference=head: L_group = -beta_critic * V(q) + guards; exact: cross-entropy to the batch's
     variance-maximising hard split; known: cross-entropy to the data's groups."""
+    g = params.gil
     q = q.detach().clone().requires_grad_(True)
-    if params.inference == "head":
+    if g.inference == "head":
         loss, _ = gil.group_inference_loss(
-            q, perf, params.beta_critic, min_group_mass=params.min_group_mass,
-            mass_penalty_coef=params.mass_penalty_coef, entropy_coef=params.group_entropy_coef,
-            variance=params.variance)
+            q, perf, g.beta_critic, min_group_mass=g.group_mass_floor(), mass_penalty_coef=g.mass_penalty_coef,
+            entropy_coef=g.entropy_coef, variance=g.variance)
     else:
-        if params.inference == "exact":
-            labels = gil.exact_group_labels(perf, params.num_groups, params.variance)
+        if g.inference == "exact":
+            labels = gil.exact_group_labels(perf, g.num_groups, g.variance)
         else:
             labels = batch["oracle_group"]
-            if bool((labels < 0).any()) or bool((labels >= params.num_groups).any()):
+            if bool((labels < 0).any()) or bool((labels >= g.num_groups).any()):
                 raise ValueError(f"gil.inference=known needs every prompt's `group` mapped to one of "
-                                 f"gil.num_groups={params.num_groups} groups (set gil.known_groups)")
-        loss, _ = gil.group_label_loss(q, gil.align_labels(labels, q), params.beta_critic)
+                                 f"gil.num_groups={g.num_groups} groups (set gil.known_groups)")
+        loss, _ = gil.group_label_loss(q, gil.align_labels(labels, q), g.beta_critic)
     (coeffs,) = torch.autograd.grad(loss, q)
     return coeffs.detach()

@@ -4,8 +4,8 @@
     score()       no-grad: reward, old / reference log-probs, critic values and group logits
     experience()  GIL bookkeeping, adaptive-KL rewards, GAE (experience.make_experience)
     update()      K epochs x mini-batches: critic step (value loss + group objective), policy step
-    metrics, evaluation and checkpoints around them; gil_megatron/training/loop.py runs the iterations
-    (the same loop as the SFT / reward-model / DPO stages) with PPOTrainer as its job.
+    metrics, evaluation and checkpoints around them; gil_megatron/training/run.py runs the iterations
+    (the same loop and run setup as the SFT / reward-model / DPO stages) with PPOTrainer as its job.
 
 The algorithm lives in gil_megatron/algo and experience.py; this file moves tensors between ranks
 and calls it. Data parallelism: each DP rank generates and trains on its own slice of the rollout
@@ -23,25 +23,27 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch.profiler import record_function
 
+from gil_megatron import seeds
 from gil_megatron.algo import gil, ppo
 from gil_megatron.algo.registry import get_algorithm
-from gil_megatron.config import PPOConfig, to_dict
+from gil_megatron.config import PPOConfig
 from gil_megatron.data import DataLoader, load_prompts, options_from_config, pad_token_id
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.llama import score_at_last, split_critic_output
 from gil_megatron.models.logprobs import action_logprobs
 from gil_megatron.models.packing import PACKING_KEY
-from gil_megatron.models.weights import arch_of
 from gil_megatron.parallel import collectives, distributed
 from gil_megatron.ppo import objectives
 from gil_megatron.ppo.evaluation import Scorers, evaluate_policy, primary_score, summarize_scores
 from gil_megatron.ppo.experience import make_experience
+from gil_megatron.ppo.kl_penalty import KLPenalty
 from gil_megatron.ppo.offload import FrozenOffload, device_offloaded
 from gil_megatron.ppo.rewards import RewardFunction
 from gil_megatron.ppo.rollout import SamplingSettings, decode_rollout, generate
 from gil_megatron.ppo.scoring import microbatches_of, score_critic, score_logprobs, score_reward_model
 from gil_megatron.training import checkpoint as ckpt
-from gil_megatron.training import loop, memory
+from gil_megatron.training import memory
+from gil_megatron.training import run as run_setup
 from gil_megatron.training.loop import NonFiniteError
 from gil_megatron.training.metrics import loss_normalizer, means, metric_sum, reduce_sums
 from gil_megatron.training.optim import Trainable
@@ -60,11 +62,12 @@ class PPOTrainer:
         self.device = distributed.device()
         self.dp = cfg.check_world(dist.get_world_size())
         self.algo = get_algorithm(cfg.algo)
-        self.params = objectives.params_from_config(cfg)
+        self.params = objectives.ObjectiveParams.from_config(cfg)
         m = cfg.models
         dtype = resolve_dtype(m.dtype)
         self._check_memory(dtype)
-        self.tokenizer = load_tokenizer(m.tokenizer or m.actor)
+        self.tokenizer_dir = m.tokenizer or m.actor
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.pad_id = pad_token_id(self.tokenizer)
         self.actor = model_from_checkpoint(m.actor, "actor", self.layout, dtype)
         self.reference = model_from_checkpoint(m.reference or m.actor, "actor", self.layout, dtype, trainable=False)
@@ -92,40 +95,33 @@ class PPOTrainer:
         self.eval_sets = {name: load_prompts(path, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                                              too_long=cfg.data.too_long, **options_from_config(cfg.data))
                           for name, path in cfg.data.eval_prompts.items()}
-        if cfg.ppo.target_kl is not None:
-            self.kl_ctl = ppo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
-        else:
-            self.kl_ctl = ppo.FixedKLController(cfg.ppo.kl_coef)
+        self.kl = KLPenalty(self.algo, cfg.ppo)
         self.reward_moments = ppo.RunningMoments()
         self.sampling = SamplingSettings(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k, greedy=cfg.rollout.greedy, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.pad_id, decode_batch_size=cfg.rollout.decode_batch_size)
         # identical on every TP/PP rank of a replica (sampling must agree), different across DP
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.layout.dp_rank)
+        self.generator = seeds.generator(cfg.seed, "rollout", self.layout.dp_rank)
         self.iteration = 0
         self.bad_steps = 0
+        self.resumed_from: Optional[str] = None
         self.prev_high_group: Optional[int] = None
         self.high_group_flips = 0
         self._resume()
 
     def _check_memory(self, dtype: torch.dtype) -> None:
         m, cfg = self.cfg.models, self.cfg
-        paths = {"actor": m.actor, "reference": m.reference or m.actor}
+        models = {"actor": (m.actor, "actor"), "reference": (m.reference or m.actor, "actor")}
         if self.algo.uses_critic:
-            paths["critic"] = m.critic or m.reward_model or m.actor
+            models["critic"] = (m.critic or m.reward_model or m.actor, "critic")
         if m.reward_model:
-            paths["reward_model"] = m.reward_model
-        archs = {name: arch_of(path)[0] for name, path in paths.items()}
-        est = memory.estimate(archs, tuple(n for n in ("actor", "critic") if n in paths), self.layout.tp, self.layout.pp,
-                              max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
-                              cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-                              torch.finfo(dtype).bits // 8, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                              offloaded=device_offloaded(cfg.offload, paths), decode_rows=self._decode_rows())
-        if distributed.is_rank0():
-            print(f"[gil_megatron] layout tp={self.layout.tp} pp={self.layout.pp} dp={self.layout.dp}; "
-                  f"{est.describe()}", flush=True)
-        memory.check_fits(est)
+            models["reward_model"] = (m.reward_model, "reward")
+        memory.check_run(models, tuple(n for n in ("actor", "critic") if n in models), self.layout,
+                         max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
+                         cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, dtype,
+                         micro_batch_key="ppo.micro_batch_size", decode_rows=self._decode_rows(),
+                         offloaded=device_offloaded(cfg.offload, {n: p for n, (p, _) in models.items()}))
 
     def _decode_rows(self) -> int:
         local = self.cfg.rollout.batch_size * self.cfg.rollout.n_samples_per_prompt // self.dp
@@ -148,11 +144,11 @@ class PPOTrainer:
         with self.offload.resident("reference"):
             ref_logprobs, _ = score_logprobs(self.reference, seqs, mbs, packed_lengths=packed)
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
-        head_lengths = rollout.prompt_lengths if self.params.group_level == "prompt" else lengths
+        head_lengths = rollout.prompt_lengths if self.params.gil.group_level == "prompt" else lengths
         if self.critic is not None:
             values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs, packed_lengths=packed)
         else:
-            values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.num_groups)
+            values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.gil.num_groups)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             with self.offload.resident("reward_model"):
@@ -180,8 +176,8 @@ class PPOTrainer:
         elif self.cfg.ppo.reward_clip is not None:
             scores = raw.clamp(-self.cfg.ppo.reward_clip, self.cfg.ppo.reward_clip)
         full["raw_scores"], full["scores"] = raw, scores
-        shuffle = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.iteration)
-        full.update(make_experience(full, self.algo, self.params, eta=self.kl_ctl.value, generator=shuffle))
+        shuffle = seeds.generator(self.cfg.seed, "weight_shuffle", self.iteration)
+        full.update(make_experience(full, self.algo, self.params, eta=self.kl.eta, generator=shuffle))
         return full
 
     def update(self, full: Dict[str, torch.Tensor]) -> List[Dict[str, float]]:
@@ -191,7 +187,7 @@ class PPOTrainer:
         rows = torch.arange(self.layout.dp_rank, n_global, self.dp)  # this rank's share
         local_mini = cfg.ppo.mini_batch_size // self.dp
         n_minibatches = n_global // cfg.ppo.mini_batch_size
-        gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.iteration)
+        gen = seeds.generator(cfg.seed, "minibatch_order", self.iteration)
         step_metrics = []
         for _ in range(cfg.ppo.epochs):
             order = shuffle_keeping_prompts_together(rows, full["prompt_index"][rows], gen)
@@ -208,7 +204,7 @@ class PPOTrainer:
         packed = mini["lengths"] if self.cfg.train.sequence_packing else None  # CPU: packs without a host sync
         microbatches = microbatches_of(on_device["sequences"], mbs, packed,
                                        **{k: v for k, v in on_device.items() if k != "sequences"})
-        mask, mode = mini["action_mask"], self.params.loss_agg_mode
+        mask, mode = mini["action_mask"], self.params.ppo.loss_agg_mode
         dp_group = parallel_state.get_data_parallel_group()
         normalizer = loss_normalizer(loss_units(mask, mode), dp_group)
         value_normalizer = loss_normalizer(loss_units(mask, "token_mean"), dp_group)
@@ -272,8 +268,7 @@ class PPOTrainer:
             "rollout/response_length": n_tokens / full["action_mask"].shape[0],
             "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/train_s": t_train - t_score,
         })
-        if self.algo.kl_penalty:
-            self.kl_ctl.update(metrics["kl/mean"], cfg.rollout.batch_size)
+        self.kl.update(metrics["kl/mean"], cfg.rollout.batch_size)
         return metrics
 
     # ---- metrics -------------------------------------------------------------------------------
@@ -282,8 +277,7 @@ class PPOTrainer:
         kl_seq = (full["kl"] * mask).sum(-1)
         m = {
             "reward/mean": full["scores"].mean(), "reward/std": full["scores"].std(),
-            "kl/mean": kl_seq.mean(), "kl/coef": torch.tensor(self.kl_ctl.value),
-            "kl/coef_effective_mean": full["kl_coef"].mean(),
+            "kl/mean": kl_seq.mean(), "kl/sample_coef_mean": full["sample_kl_coef"].mean(), **self.kl.metrics(),
             "value/explained_var": ppo.explained_variance(full["values"], full["returns"], mask),
             "advantages/mean": ppo.masked_mean(full["advantages"], mask),
         }
@@ -297,7 +291,7 @@ class PPOTrainer:
             per_sample["gold"] = full["gold"]
         if "group_probs" in full:
             q = full["group_probs"]
-            m.update(gil.group_metrics(q, per_sample, perf=full["perf"], variance=self.params.variance))
+            m.update(gil.group_metrics(q, per_sample, perf=full["perf"], variance=self.params.gil.variance))
             m["reward/worst_group"] = min(m[f"group/{g}/reward"] for g in range(q.shape[1]))
             w = full["sample_weights"]
             m.update({"gil/weight_min": w.min(), "gil/weight_max": w.max(), "gil/weight_mean": w.mean(),
@@ -375,7 +369,7 @@ class PPOTrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
-        return {"data": self.loader.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+        return {"data": self.loader.state_dict(), "kl": self.kl.state_dict(),
                 "reward_moments": {k: v.tolist() for k, v in self.reward_moments.state_dict().items()},
                 "prev_high_group": self.prev_high_group,
                 "high_group_flips": self.high_group_flips, "bad_steps": self.bad_steps}
@@ -398,18 +392,27 @@ class PPOTrainer:
         state = ckpt.load_checkpoint(path, self.layout, self._trained_models()[1])
         self.iteration = state["iteration"]
         self.loader.load_state_dict(state["data"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.kl.load_state_dict(state["kl"])
         self.reward_moments.load_state_dict({k: torch.tensor(v) for k, v in state["reward_moments"].items()})
         if state["rank_state"] is not None:  # same layout: this rank's sampling stream continues exactly
             self.generator.set_state(torch.tensor(state["rank_state"]["generator"], dtype=torch.uint8))
         else:  # another layout: a fresh stream per data-parallel replica (same on its TP/PP ranks)
-            self.generator.manual_seed(self.cfg.seed * 1000 + self.layout.dp_rank + 7919 * self.iteration)
+            self.generator = seeds.generator(self.cfg.seed, "rollout_resumed", self.layout.dp_rank, self.iteration)
         self.prev_high_group = state["prev_high_group"]
         self.high_group_flips = state["high_group_flips"]
         self.bad_steps = state["bad_steps"]
         self.resumed_from = path
 
-    # ---- the loop (gil_megatron/training/loop.py) -------------------------------------------------------
+    # ---- the run (gil_megatron/training/run.py) ----------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Iterations done (training/run.RunJob)."""
+        return self.iteration
+
+    def final_model(self):
+        """The run's product: the policy."""
+        return self.actor
+
     def train_step(self) -> Tuple[Dict[str, float], bool]:
         """loop.Job: one iteration; (metrics, whether every update went through)."""
         metrics = self.iterate()
@@ -420,14 +423,11 @@ class PPOTrainer:
 
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
-        settings = loop.LoopSettings(cfg.train.iterations, cfg.train.eval_every, cfg.train.save_every,
-                                     cfg.train.max_bad_steps, name=cfg.algo, unit="iteration",
-                                     fix="Lower the learning rates or check the reward")
-        log = loop.open_logger(cfg.run_dir, cfg.logging, settings, to_dict(cfg), self.iteration)
-        last = loop.run(self, settings, log, self.iteration, self.bad_steps, getattr(self, "resumed_from", None),
-                        skipped={"skipped_updates": 2.0})
-        log.close()
-        return last
+        settings = run_setup.loop_settings(cfg.train, cfg.algo, "iteration", "Lower the learning rates or check the reward",
+                                           show=("reward/mean", "kl/mean", "loss"))
+        return run_setup.train(self, cfg, settings, summary=("reward/mean", "reward/gold_mean", "kl/mean", "reward/worst_group"),
+                               source=f"{cfg.algo} training, actor {os.path.abspath(cfg.models.actor)}",
+                               skipped={"skipped_updates": 2.0})
 
 
 # ---- helpers: collectives kept out of the loop above --------------------------------------------
@@ -501,12 +501,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
 
     yaml_path, overrides = overrides_from_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(PPOConfig, yaml_path, overrides)
-    trainer = PPOTrainer(cfg)
-    metrics = trainer.train()
-    if distributed.is_rank0():
-        keys = [k for k in ("reward/mean", "reward/gold_mean", "kl/mean", "reward/worst_group") if k in metrics]
-        summary = " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
-        print(f"{cfg.algo}: iteration {trainer.iteration} {summary}", flush=True)
+    metrics = PPOTrainer(cfg).train()
     distributed.destroy()
     return metrics
 

@@ -1,5 +1,6 @@
-"""What SFT, reward-model and DPO training share (one engine, three objectives); the loop itself is
-gil_megatron/training/loop.py, the one PPO runs too.
+"""What SFT, reward-model and DPO training share (one engine, three objectives); the loop and the run
+setup around it (config.json, memory check, final model directory) are training/loop.py and
+training/run.py, the ones PPO runs too.
 
 A stage (sft.py, reward_model.py, dpo.py) subclasses ``Stage`` and says only what differs: the
 dataset it reads, how a batch becomes micro-batches, what one micro-batch counts for the loss's
@@ -7,6 +8,7 @@ denominator, and the loss of one micro-batch. Everything else is here, in the or
 
     config + tokenizer + datasets      (data errors surface before any process group exists)
     distributed.initialize(tp, pp)     dp = world / (tp * pp)
+    memory.check_run(...)              the per-rank estimate, before any model is built
     model_from_checkpoint(init, role)  -> Trainable (megatron DDP + optimizer + LR schedule)
     resume (checkpoint.resume=auto)    weights, optimizer, scheduler, RNG, data cursor (any layout)
     gil_megatron/training/loop.py runs the steps; one optimizer step (``StageRun.train_step``):
@@ -28,17 +30,14 @@ each metric as (mean * count, count), and in eval per-known-group pairs ``group/
 they give train/<metric>, eval/<metric>, eval/group/<name>/<metric> and train/<count_name>.
 """
 
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv, to_dict
+from gil_megatron.config import ConfigError, StageConfig, load_config, overrides_from_argv
 from gil_megatron.data import (
     DataLoader,
     PreferenceBatch,
@@ -49,12 +48,12 @@ from gil_megatron.data import (
     pad_token_id,
 )
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
-from gil_megatron.models.convert import copy_tokenizer_files  # the one list of tokenizer files
 from gil_megatron.models.pipeline import run_microbatches
-from gil_megatron.models.weights import CheckpointError, model_dir_stages, save_model_weights, write_meta
-from gil_megatron.parallel import collectives, distributed
+from gil_megatron.models.weights import CheckpointError
+from gil_megatron.parallel import distributed
 from gil_megatron.parallel.distributed import ParallelLayout
-from gil_megatron.training import loop
+from gil_megatron.training import memory
+from gil_megatron.training import run as run_setup
 from gil_megatron.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from gil_megatron.training.metrics import Sums, Totals, loss_normalizer, metric_sum, ratio, reduce_sums
 from gil_megatron.training.optim import Trainable
@@ -79,10 +78,13 @@ class Stage:
     """Role of the trained model (what model_from_checkpoint builds and the output directory holds)."""
     count_name: str = "examples"
     """What ``count`` counts (reported as train/<count_name>)."""
+    rows_per_example: int = 1
+    """Sequences one example puts through the model (2 for a preference pair): the memory check's
+    micro-batch is train.micro_batch_size times this."""
     show: Tuple[str, ...] = ("train/loss",)
     """Metrics shown on the progress bar."""
     summary: Tuple[str, ...] = ("eval/loss",)
-    """Metrics of the one-line summary at the end (the first present ones are printed)."""
+    """Metrics of the one-line summary at the end (those present are printed)."""
 
     def __init__(self, cfg: StageConfig, tokenizer):
         self.cfg = cfg
@@ -111,6 +113,11 @@ class Stage:
                             dtype=torch.long, device=self.device)
 
     # -- models -------------------------------------------------------------------------------
+    def frozen_models(self) -> Dict[str, Tuple[str, str]]:
+        """Models held besides the trained one, {name: (model directory, role)} (for the memory
+        check; DPO: its reference)."""
+        return {}
+
     def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
         """Build anything besides the trained model (DPO: the frozen reference)."""
 
@@ -203,6 +210,7 @@ class PairStage(Stage):
     pair go through the model in one forward; the objective is a mean over pairs."""
 
     count_name = "pairs"
+    rows_per_example = 2
 
     def load_dataset(self, path: str):
         d = self.cfg.data
@@ -265,40 +273,6 @@ def evaluate(stage: Stage, model: torch.nn.Module, dataset, layout: ParallelLayo
     return stage_metrics(sums, "eval", stage.count_name, stage.group_names)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        collectives.barrier(collectives.world_group())
-
-
-def save_model_dir(out_dir: str, layout: ParallelLayout, model, tokenizer_dir: str, source: str) -> str:
-    """Write the trained model as a model directory in our format, atomically across ranks:
-    every dp_rank-0 rank writes its shard into a temporary sibling, rank 0 adds the metadata and
-    the tokenizer, and renames it into place after a barrier. Every rank calls this."""
-    out_dir = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out_dir), f".tmp-{os.path.basename(out_dir)}")
-    if distributed.is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    if layout.dp_rank == 0:
-        save_model_weights(model, tmp, layout.tp_rank, layout.pp_rank)
-    _barrier()
-    if distributed.is_rank0():
-        write_meta(tmp, model.arch, model.role, layout.tp, model_dir_stages(model), source=source)
-        copy_tokenizer_files(tokenizer_dir, tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        old = out_dir + ".old"
-        if os.path.exists(out_dir):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return out_dir
-
-
 # ---------------------------------------------------------------------------------------------
 # One run: build, resume, the loop, the final model directory
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +294,12 @@ class StageRun:
     """Optimizer steps done."""
     bad_steps: int = 0
     """Consecutive steps skipped for non-finite gradients (saved with the checkpoint)."""
+    resumed_from: Optional[str] = None
+    """The checkpoint this run resumed from (checkpoint.resume), or None."""
+
+    # training/run.py
+    def final_model(self):
+        return self.model
 
     # loop.Job
     def train_step(self) -> Tuple[Dict[str, float], bool]:
@@ -358,6 +338,9 @@ def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
         raise ConfigError(f"train.eval_batch_size={cfg.train.eval_batch_size} must be divisible by "
                           f"the data-parallel size {layout.dp}")
     dtype = resolve_dtype("auto")
+    memory.check_run({MODEL_KEY: (cfg.init, stage.role), **stage.frozen_models()}, (MODEL_KEY,), layout,
+                     cfg.train.micro_batch_size * stage.rows_per_example, cfg.data.max_length, dtype,
+                     micro_batch_key="train.micro_batch_size")
     model = model_from_checkpoint(cfg.init, stage.role, layout, dtype)
     trainable = Trainable(model, cfg.optim, recompute=cfg.train.recompute)
     stage.setup(layout, dtype)
@@ -378,36 +361,16 @@ def resume(r: StageRun) -> Optional[str]:
                               f"{r.stage.name!r}; use another run_dir or checkpoint.resume=none")
     r.loader.load_state_dict(state["data"])
     r.advance(int(state["iteration"]), int(state.get("bad_steps", 0)))
+    r.resumed_from = path
     return path
 
 
 def run(stage_cls, argv: Sequence[str]) -> Dict[str, float]:
-    """``[CONFIG.yaml] [key=value ...]`` -> train, evaluate, save. Returns the last logged metrics
-    (plus ``step``) on every rank. Leaves the process group up (the CLI tears it down)."""
+    """``[CONFIG.yaml] [key=value ...]`` -> train, evaluate, save (training/run.py). Returns the last
+    logged metrics (plus ``step``) on every rank. Leaves the process group up (the CLI tears it down)."""
     r = build_run(stage_cls, argv)
-    cfg, stage, layout = r.cfg, r.stage, r.layout
-    resumed_from = resume(r)
-    start = r.step
-    settings = loop.LoopSettings(cfg.train.steps, cfg.train.eval_every, cfg.train.save_every, cfg.train.max_bad_steps,
-                                 name=stage.name, fix="Lower optim.lr or check the data", show=stage.show)
-    logger = loop.open_logger(cfg.run_dir, cfg.logging, settings, to_dict(cfg), start)
-    if distributed.is_rank0():
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-    last = loop.run(r, settings, logger, start, r.bad_steps, resumed_from)
-    last = {"step": r.step, **last}
-    if r.step == start:  # nothing left to train (steps=0, or resumed at the end): evaluate what we have
-        metrics = r.evaluate()
-        if metrics is not None:
-            if start == 0:  # a resumed run already logged its last step
-                logger.log(start, metrics, show=stage.show)
-            last.update(metrics)
-
-    output = cfg.output or os.path.join(cfg.run_dir, "model")
-    save_model_dir(output, layout, r.model, r.tokenizer_dir,
-                   source=f"{stage.name} training, step {last['step']}, init {os.path.abspath(cfg.init)}")
-    shown = [k for k in stage.summary if k in last] or [k for k in stage.show if k in last]
-    logger.print(f"{stage.name}: step {last['step']} " + " ".join(f"{k} {last[k]:.4g}" for k in shown)
-                 + f" -> {output}")
-    logger.close()
-    return last
+    resume(r)
+    stage = r.stage
+    settings = run_setup.loop_settings(r.cfg.train, stage.name, "step", "Lower optim.lr or check the data", stage.show)
+    return run_setup.train(r, r.cfg, settings, summary=stage.summary,
+                           source=f"{stage.name} training, init {os.path.abspath(r.cfg.init)}")

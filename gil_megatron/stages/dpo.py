@@ -35,6 +35,9 @@ class DPOStage(PairStage):
     show = ("train/loss", "train/accuracy", "eval/accuracy")
     summary = ("eval/accuracy", "eval/loss", "eval/rewards/margin", "train/loss")
 
+    def frozen_models(self):
+        return {"reference": (self.cfg.reference or self.cfg.init, "actor")}
+
     def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
         self.reference = model_from_checkpoint(self.cfg.reference or self.cfg.init, "actor", layout, dtype,
                                                trainable=False)

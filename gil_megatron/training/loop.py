@@ -37,7 +37,7 @@ class LoopSettings:
     """When the loop steps, evaluates, saves and gives up; and the words of its messages."""
 
     steps: int
-    """Run until this many steps are done (PPO: train.iterations; the stages: train.steps)."""
+    """Run until this many steps are done (train.steps; a PPO step is one iteration)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only after the last step)."""
     save_every: int = 0

@@ -1,5 +1,5 @@
-"""Will the configured models and batch fit? An estimate printed with the layout, checked up front,
-instead of an out-of-memory error an hour into the run.
+"""Will the configured models and batch fit? An estimate printed with the layout, checked up front
+by every job (``check_run``: PPO and the stages), instead of an out-of-memory error an hour into the run.
 
 Per rank: parameters of every model held (actor, reference, critic, reward model; each split
 tp * pp ways; models offloaded to the host between uses (offload.py) count only as the largest of
@@ -13,11 +13,14 @@ step's full-vocabulary logits for sampling).
 
 import os
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from gil_megatron.models.config import LlamaArchConfig
+from gil_megatron.models.weights import arch_of
+from gil_megatron.parallel import distributed
+from gil_megatron.parallel.distributed import ParallelLayout
 
 
 def param_count(arch: LlamaArchConfig, role: str) -> int:
@@ -59,13 +62,16 @@ def available_bytes(ranks_per_node: int) -> tuple:
 
 def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int, micro_batch: int,
              seq_len: int, dtype_bytes: int, ranks_per_node: int, offloaded: tuple = (),
-             decode_rows: int = 0) -> MemoryEstimate:
-    """``decode_rows``: rows the rollout decodes at once on this rank (its KV cache)."""
+             decode_rows: int = 0, roles: Optional[Mapping[str, str]] = None) -> MemoryEstimate:
+    """``decode_rows``: rows the rollout decodes at once on this rank (its KV cache). ``roles``:
+    name -> actor | critic | reward (default: actor and reference are LMs, the rest scalar heads).
+    The activations are those of the first trained model (the actor for PPO)."""
     split = tp * pp
+    roles = roles or {n: "actor" if n in ("actor", "reference") else "critic" for n in archs}
     est = {"weights": 0.0, "grads+optimizer": 0.0, "activations": 0.0, "rollout KV cache": 0.0}
     largest_offloaded = 0.0
     for name, arch in archs.items():
-        n = param_count(arch, "actor" if name in ("actor", "reference") else "critic") / split
+        n = param_count(arch, roles[name]) / split
         if name in offloaded:
             largest_offloaded = max(largest_offloaded, n * dtype_bytes)
         else:
@@ -74,7 +80,7 @@ def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int
             # fp32 main grads + Adam m, v (+ fp32 master weights when training in 16 bit)
             est["grads+optimizer"] += n * (4 + 8 + (4 if dtype_bytes < 4 else 0))
     est["weights"] += largest_offloaded
-    actor = archs["actor"]
+    actor = archs[trained[0]]
     layers = actor.num_layers / pp
     est["activations"] = (34 * seq_len * micro_batch * actor.hidden_size * layers * dtype_bytes / 2 / tp
                           + 2 * seq_len * micro_batch * actor.padded_vocab_size(tp) / tp * 4)
@@ -86,11 +92,27 @@ def estimate(archs: Dict[str, LlamaArchConfig], trained: tuple, tp: int, pp: int
     return MemoryEstimate(est, avail, device)
 
 
-def check_fits(estimate_: MemoryEstimate, headroom: float = 0.9) -> None:
+def check_fits(estimate_: MemoryEstimate, headroom: float = 0.9, micro_batch_key: str = "ppo.micro_batch_size") -> None:
     if os.environ.get("GIL_MEGATRON_SKIP_MEMORY_CHECK") == "1":
         return
     if estimate_.total > headroom * estimate_.available_bytes:
         raise MemoryError(
             f"the configured models and batch do not fit: {estimate_.describe()}; use more tensor/pipeline "
-            f"parallelism (parallel.tp/pp), a smaller ppo.micro_batch_size, or more devices "
+            f"parallelism (parallel.tp/pp), a smaller {micro_batch_key}, or more devices "
             f"(GIL_MEGATRON_SKIP_MEMORY_CHECK=1 skips this check)")
+
+
+def check_run(models: Mapping[str, Tuple[str, str]], trained: Sequence[str], layout: ParallelLayout,
+              micro_batch: int, seq_len: int, dtype: torch.dtype, *, micro_batch_key: str, decode_rows: int = 0,
+              offloaded: Sequence[str] = ()) -> MemoryEstimate:
+    """Before any model is built: estimate a run's per-rank memory from its models' checkpoints
+    (``models``: name -> (model directory, role)), print it with the layout on rank 0 and refuse a
+    configuration that cannot fit (MemoryError naming ``micro_batch_key`` among the fixes)."""
+    archs = {name: arch_of(path)[0] for name, (path, _) in models.items()}
+    est = estimate(archs, tuple(trained), layout.tp, layout.pp, micro_batch, seq_len, torch.finfo(dtype).bits // 8,
+                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")), offloaded=tuple(offloaded), decode_rows=decode_rows,
+                   roles={name: role for name, (_, role) in models.items()})
+    if distributed.is_rank0():
+        print(f"[gil_megatron] layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; {est.describe()}", flush=True)
+    check_fits(est, micro_batch_key=micro_batch_key)
+    return est

@@ -206,16 +206,16 @@ def test_oracle3_adaptive_kl_reduces_to_fixed_kl():
     for b in range(B):
         mask[b, 1 : T - b] = 1.0
     eta, c = 0.3, 0.6
-    coef = gil.adaptive_kl_coef(eta, torch.full((B,), c))
+    coef = gil.group_kl_coef(eta, torch.full((B,), c))
     adaptive = ppo.compute_token_rewards(scores, kl, coef, mask)
     fixed = ppo.compute_token_rewards(scores, kl, eta * c, mask)
     assert torch.allclose(adaptive, fixed)
-    no_kl = ppo.compute_token_rewards(scores, kl, gil.adaptive_kl_coef(0.0, torch.rand(B)), mask)
+    no_kl = ppo.compute_token_rewards(scores, kl, gil.group_kl_coef(0.0, torch.rand(B)), mask)
     assert torch.allclose(no_kl, ppo.compute_token_rewards(scores, torch.zeros_like(kl), 0.1, mask))
     assert torch.allclose(no_kl.sum(-1), scores)
     # group head off: p_high = 1 is plain PPO-with-KL at eta
     assert torch.allclose(
-        ppo.compute_token_rewards(scores, kl, gil.adaptive_kl_coef(eta, torch.ones(B)), mask),
+        ppo.compute_token_rewards(scores, kl, gil.group_kl_coef(eta, torch.ones(B)), mask),
         ppo.compute_token_rewards(scores, kl, eta, mask),
     )
 
@@ -228,7 +228,7 @@ def test_high_group_and_p_high():
     for index in (g, 1):
         ph = gil.p_high(q, index)
         assert torch.equal(ph, torch.tensor([0.7, 0.25])) and not ph.requires_grad
-    assert not gil.adaptive_kl_coef(0.2, q[:, 1]).requires_grad
+    assert not gil.group_kl_coef(0.2, q[:, 1]).requires_grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,8 +641,8 @@ def test_oracle10_weights():
 
 def test_oracle3_normalised_adaptive_kl():
     p = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    assert torch.allclose(gil.adaptive_kl_coef(0.1, p, normalize=True), torch.tensor([0.2, 0.2, 0.0, 0.0]))
-    assert torch.allclose(gil.adaptive_kl_coef(0.1, p), torch.tensor([0.1, 0.1, 0.0, 0.0]))
+    assert torch.allclose(gil.group_kl_coef(0.1, p, normalize=True), torch.tensor([0.2, 0.2, 0.0, 0.0]))
+    assert torch.allclose(gil.group_kl_coef(0.1, p), torch.tensor([0.1, 0.1, 0.0, 0.0]))
 
 
 @given(st.lists(st.floats(-5, 5), min_size=4, max_size=12), st.floats(-3, 3), st.floats(0.2, 4.0))

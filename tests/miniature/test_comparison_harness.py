@@ -30,7 +30,7 @@ def test_gil_v2_protocol_is_the_pre_registered_one(h):
             assert arm.algo == algo and arm.seeds == (101, 102, 103, 104, 105)
             assert arm.overrides == (f"ppo.kl_coef={kl:g}",) and arm.reward == "reward_model"
     controls = {"gil_v1": ("gil_v1", ()), "gil_no_invariance": ("gil_no_invariance", ()),
-                "gil_no_adaptive_kl": ("gil_no_adaptive_kl", ()), "gil_known": ("gil", ("gil.inference=known", *KNOWN)),
+                "gil_no_adaptive_kl": ("gil_no_group_kl", ()), "gil_known": ("gil", ("gil.inference=known", *KNOWN)),
                 "gil_shuffled_weights": ("gil_shuffled_weights", ()),
                 "gil_response_whitened": ("gil", ("gil.group_level=response", "gil.performance=whitened_score"))}
     for name, (algo, overrides) in controls.items():

@@ -9,7 +9,6 @@ Then the pieces alone: the packing bookkeeping, and the packed attention against
 softmax loop; and a few PPO iterations of the trainer with packing on and off (slow).
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -133,7 +132,6 @@ def _tensors(seed, prompt, response):
 
 
 def _one_layout(tp, pp, cases):
-    from gil_megatron.config import PPOConfig
     from gil_megatron.models.config import LlamaArchConfig
     from gil_megatron.models.llama import LlamaModel, score_at_last, split_critic_output
     from gil_megatron.models.logprobs import action_logprobs
@@ -144,6 +142,8 @@ def _one_layout(tp, pp, cases):
     from gil_megatron.ppo.scoring import microbatches_of, score_critic, score_logprobs, score_reward_model
     from gil_megatron.training.optim import OptimSettings, Trainable, main_grads
 
+    from objective_params import make_params
+
     distributed.initialize(tp, pp, seed=1)
     arch = LlamaArchConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2,
                            num_attention_heads=4, num_kv_heads=2, max_position_embeddings=64, num_groups=2)
@@ -153,7 +153,7 @@ def _one_layout(tp, pp, cases):
     recompute = {(1, 1): "full", (2, 1): "none", (1, 2): "selective"}[(tp, pp)]
     trainers = {name: Trainable(model, OptimSettings(lr=1e-3), recompute=recompute)
                 for name, model in (("actor", actor), ("critic", critic))}
-    params = dataclasses.replace(objectives.params_from_config(PPOConfig()), kl_in="loss", entropy_coef=0.01)
+    params = make_params(kl_in="loss", entropy_coef=0.01)
 
     def actor_loss(mb, logits):
         logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True, packing=mb.get(PACKING_KEY))
@@ -236,7 +236,7 @@ def _ppo_with_and_without_packing(mini, out):
     # the gold reward (not the fresh reward model, whose zero scores would leave every gradient 0)
     return {packing: _train(None, overrides(mini, out / f"packing_{packing}", **{
         "models.reward_model": "null", "models.reward_fn": "gil_megatron.miniature.task:gold_reward",
-        "train.iterations": 3, "train.sequence_packing": packing})) for packing in (False, True)}
+        "train.steps": 3, "train.sequence_packing": packing})) for packing in (False, True)}
 
 
 @pytest.mark.slow  # ~20 s: two 3-iteration runs; the 2-rank test above covers every packed forward

@@ -249,7 +249,7 @@ def _ppo_iteration(root: str, vp: int):
             f"data.train_prompts={root}/data/prompts_train.jsonl",
             f"data.eval_prompts.eval={root}/data/prompts_eval.jsonl", "data.max_prompt_length=12",
             "rollout.batch_size=8", "rollout.max_new_tokens=6", "rollout.micro_batch_size=3",
-            "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "ppo.epochs=1", "train.iterations=1",
+            "ppo.mini_batch_size=8", "ppo.micro_batch_size=4", "ppo.epochs=1", "train.steps=1",
             "train.eval_every=1", "train.save_every=1", "checkpoint.resume=none", "logging.progress=false",
             "offload.reference=true", "offload.reward_model=true", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3",
             "parallel.pp=2", f"parallel.virtual_pp={vp}"]

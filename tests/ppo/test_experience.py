@@ -9,7 +9,8 @@ import torch
 from gil_megatron.algo import gil, ppo
 from gil_megatron.algo.registry import get_algorithm
 from gil_megatron.ppo.experience import make_experience
-from gil_megatron.ppo.objectives import ObjectiveParams
+
+from objective_params import make_params
 
 
 def rollout_batch(N=8, T=6, M=2, seed=0):
@@ -33,7 +34,7 @@ def rollout_batch(N=8, T=6, M=2, seed=0):
 
 def test_kl_is_a_penalty_on_every_response_token():
     batch, _ = rollout_batch()
-    exp = make_experience(batch, get_algorithm("ppo"), ObjectiveParams(), eta=0.1)
+    exp = make_experience(batch, get_algorithm("ppo"), make_params(), eta=0.1)
     mask = batch["action_mask"]
     assert torch.allclose(exp["kl"], (batch["old_logprobs"] - batch["ref_logprobs"]) * mask)
     last = ppo.last_token_index(mask)
@@ -42,38 +43,38 @@ def test_kl_is_a_penalty_on_every_response_token():
     # r_t = -eta * KL_t < 0 before the end; the score is added at the last response token
     assert (exp["rewards"][not_last.bool()] < 0).all()
     assert torch.allclose(exp["rewards"].sum(-1), batch["scores"] - 0.1 * exp["kl"].sum(-1), atol=1e-6)
-    assert torch.equal(exp["kl_coef"], torch.full((8,), 0.1))
-    no_kl = make_experience(batch, get_algorithm("ppo_no_kl"), ObjectiveParams(), eta=0.1)
-    assert torch.allclose(no_kl["rewards"].sum(-1), batch["scores"]) and (no_kl["kl_coef"] == 0).all()
+    assert torch.equal(exp["sample_kl_coef"], torch.full((8,), 0.1))
+    no_kl = make_experience(batch, get_algorithm("ppo_no_kl"), make_params(), eta=0.1)
+    assert torch.allclose(no_kl["rewards"].sum(-1), batch["scores"]) and (no_kl["sample_kl_coef"] == 0).all()
 
 
-def test_adaptive_kl_penalises_the_high_group_more():
+def test_group_scaled_kl_penalises_the_high_group_more():
     batch, high = rollout_batch()
-    exp = make_experience(batch, get_algorithm("gil"), ObjectiveParams(), eta=0.1)
+    exp = make_experience(batch, get_algorithm("gil"), make_params(), eta=0.1)
     q = torch.softmax(batch["group_logits"], 1)
     assert torch.allclose(exp["p_high"], q[:, 1])  # group 1 holds the high-value prompts
-    assert torch.allclose(exp["kl_coef"], 0.1 * q[:, 1])
-    assert exp["kl_coef"][high].min() > exp["kl_coef"][~high].max()
-    normalised = make_experience(batch, get_algorithm("gil"), ObjectiveParams(adaptive_kl_normalize=True), eta=0.1)
-    assert float(normalised["kl_coef"].mean()) == pytest.approx(0.1)
-    fixed = make_experience(batch, get_algorithm("gil_no_adaptive_kl"), ObjectiveParams(), eta=0.1)
-    assert torch.equal(fixed["kl_coef"], torch.full((8,), 0.1))
+    assert torch.allclose(exp["sample_kl_coef"], 0.1 * q[:, 1])
+    assert exp["sample_kl_coef"][high].min() > exp["sample_kl_coef"][~high].max()
+    normalised = make_experience(batch, get_algorithm("gil"), make_params(group_kl_normalize=True), eta=0.1)
+    assert float(normalised["sample_kl_coef"].mean()) == pytest.approx(0.1)
+    fixed = make_experience(batch, get_algorithm("gil_no_group_kl"), make_params(), eta=0.1)
+    assert torch.equal(fixed["sample_kl_coef"], torch.full((8,), 0.1))
 
 
 def test_kl_in_loss_moves_the_coefficient_out_of_the_reward():
     batch, high = rollout_batch()
-    exp = make_experience(batch, get_algorithm("gil"), ObjectiveParams(kl_in="loss"), eta=0.1)
+    exp = make_experience(batch, get_algorithm("gil"), make_params(kl_in="loss"), eta=0.1)
     assert torch.allclose(exp["rewards"].sum(-1), batch["scores"])
-    assert torch.allclose(exp["kl_loss_coef"], 0.1 * exp["p_high"]) and torch.equal(exp["kl_loss_coef"], exp["kl_coef"])
+    assert torch.allclose(exp["kl_loss_coef"], 0.1 * exp["p_high"]) and torch.equal(exp["kl_loss_coef"], exp["sample_kl_coef"])
 
 
 def test_advantages_are_whitened_over_response_tokens():
     batch, _ = rollout_batch()
     mask = batch["action_mask"]
-    exp = make_experience(batch, get_algorithm("ppo"), ObjectiveParams(), eta=0.05)
+    exp = make_experience(batch, get_algorithm("ppo"), make_params(), eta=0.05)
     assert float(ppo.masked_mean(exp["advantages"], mask)) == pytest.approx(0.0, abs=1e-5)
     assert float(ppo.masked_var(exp["advantages"], mask)) == pytest.approx(1.0, abs=1e-3)
-    raw = make_experience(batch, get_algorithm("ppo"), ObjectiveParams(whiten_advantages=False), eta=0.05)
+    raw = make_experience(batch, get_algorithm("ppo"), make_params(whiten_advantages=False), eta=0.05)
     rewards = ppo.compute_token_rewards(batch["scores"], raw["kl"], 0.05, mask)
     expected, returns = ppo.compute_gae(rewards, batch["values"], mask, 1.0, 0.95)
     assert torch.allclose(raw["advantages"], expected) and torch.allclose(raw["returns"], returns)
@@ -81,7 +82,7 @@ def test_advantages_are_whitened_over_response_tokens():
 
 def test_performance_is_the_whitened_value_at_the_last_prompt_token():
     batch, high = rollout_batch()
-    exp = make_experience(batch, get_algorithm("gil"), ObjectiveParams(), eta=0.1)
+    exp = make_experience(batch, get_algorithm("gil"), make_params(), eta=0.1)
     first = batch["action_mask"].argmax(1)
     v_prompt = batch["values"][torch.arange(8), first]
     assert torch.allclose(exp["perf"], (v_prompt - v_prompt.mean()) / v_prompt.std(), atol=1e-5)
@@ -90,13 +91,13 @@ def test_performance_is_the_whitened_value_at_the_last_prompt_token():
 
 def test_invariance_weights_damp_the_high_group_and_are_bounded():
     batch, high = rollout_batch()
-    params = ObjectiveParams(beta_policy=0.25)
+    params = make_params(beta_policy=0.25)
     exp = make_experience(batch, get_algorithm("gil"), params, eta=0.1)
     q = torch.softmax(batch["group_logits"], 1)
     raw = gil.group_invariant_weights(q, exp["perf"], 0.25)
     assert torch.allclose(exp["sample_weights"], raw.clamp(0.0, 2.0))
     assert exp["sample_weights"][high].max() < 1.0 < exp["sample_weights"][~high].min()
-    big = make_experience(batch, get_algorithm("gil"), ObjectiveParams(beta_policy=2.0), eta=0.1)
+    big = make_experience(batch, get_algorithm("gil"), make_params(beta_policy=2.0), eta=0.1)
     assert big["sample_weights"].min() >= 0.0 and big["sample_weights"].max() <= 2.0
     assert float(big["weight_clip_frac"]) > 0
     for name in ("ppo", "gil_no_invariance"):
@@ -106,8 +107,8 @@ def test_invariance_weights_damp_the_high_group_and_are_bounded():
 
 def test_shuffled_weights_are_a_permutation_of_the_real_ones():
     batch, _ = rollout_batch()
-    real = make_experience(batch, get_algorithm("gil"), ObjectiveParams(), eta=0.1)["sample_weights"]
-    shuffled = make_experience(batch, get_algorithm("gil_shuffled_weights"), ObjectiveParams(), eta=0.1,
+    real = make_experience(batch, get_algorithm("gil"), make_params(), eta=0.1)["sample_weights"]
+    shuffled = make_experience(batch, get_algorithm("gil_shuffled_weights"), make_params(), eta=0.1,
                                generator=torch.Generator().manual_seed(3))["sample_weights"]
     assert torch.equal(real.sort().values, shuffled.sort().values) and not torch.equal(real, shuffled)
 
@@ -116,7 +117,7 @@ def test_group_head_targets_ascend_the_variance():
     """One descent step of the critic's group term (q <- q - lr * c, c = dL_group/dq) raises V."""
     batch, _ = rollout_batch()
     for inference in ("head", "exact", "known"):
-        exp = make_experience(batch, get_algorithm("gil"), ObjectiveParams(inference=inference), eta=0.1)
+        exp = make_experience(batch, get_algorithm("gil"), make_params(inference=inference), eta=0.1)
         logits = batch["group_logits"].clone().requires_grad_(True)
         q = torch.softmax(logits, 1)
         (exp["group_coeffs"] * q).sum().backward()
@@ -130,7 +131,7 @@ def test_known_inference_needs_mapped_groups():
     batch, _ = rollout_batch()
     batch["oracle_group"] = torch.full((8,), -1)
     with pytest.raises(ValueError, match="gil.known_groups"):
-        make_experience(batch, get_algorithm("gil"), ObjectiveParams(inference="known"), eta=0.1)
+        make_experience(batch, get_algorithm("gil"), make_params(inference="known"), eta=0.1)
 
 
 def test_mc_return_performance_is_the_whitened_discounted_task_return():
@@ -139,7 +140,7 @@ def test_mc_return_performance_is_the_whitened_discounted_task_return():
     batch, _ = rollout_batch()
     mask = batch["action_mask"]
     gamma = 0.9
-    exp = make_experience(batch, get_algorithm("gil"), ObjectiveParams(performance="mc_return", gamma=gamma), eta=0.1)
+    exp = make_experience(batch, get_algorithm("gil"), make_params(performance="mc_return", gamma=gamma), eta=0.1)
     g = gamma ** (mask.sum(1) - 1) * batch["raw_scores"]
     assert torch.allclose(exp["perf"], (g - g.mean()) / g.std(), atol=1e-5)
 
@@ -149,8 +150,8 @@ def test_the_mass_hinge_reaches_the_group_head_targets():
     almost no mass in group 0 gets targets that push mass back into it (and none without the hinge)."""
     batch, _ = rollout_batch()
     batch["group_logits"] = torch.tensor([[-6.0, 6.0]]).repeat(8, 1)
-    hinge = ObjectiveParams(variance="unweighted", min_group_mass=0.3, mass_penalty_coef=10.0)
-    loose = ObjectiveParams(variance="unweighted", min_group_mass=0.0)
+    hinge = make_params(variance="unweighted", min_group_mass=0.3, mass_penalty_coef=10.0)
+    loose = make_params(variance="unweighted", min_group_mass=0.0)
     c_hinge = make_experience(batch, get_algorithm("gil"), hinge, eta=0.1)["group_coeffs"]
     c_loose = make_experience(batch, get_algorithm("gil"), loose, eta=0.1)["group_coeffs"]
     # a descent step q <- q - c raises group 0's batch mass only through the hinge

@@ -12,13 +12,14 @@ responses. Reward 1 for the right response, 0 otherwise, plus noise. The referen
 policy) gives the right response probability 0.5 on easy prompts and 0.1 on hard ones.
 """
 
-from dataclasses import replace
 
 import torch
 
 from gil_megatron.algo.registry import get_algorithm
 from gil_megatron.ppo import objectives
 from gil_megatron.ppo.experience import make_experience
+
+from objective_params import make_params
 
 P, HARD, K, N = 16, 4, 4, 64
 
@@ -42,7 +43,7 @@ def train(algo_name, seed, iterations=40, **overrides):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(1000 + seed)
     algo = get_algorithm(algo_name)
-    params = replace(objectives.ObjectiveParams(gamma=1.0, lam=1.0), **overrides.pop("params", {}))
+    params = make_params(**{"gamma": 1.0, "lam": 1.0, **overrides.pop("params", {})})
     eta = overrides.pop("eta", 0.1)
     theta = ref_logits.clone().requires_grad_(True)
     value = torch.zeros(P, requires_grad=True)

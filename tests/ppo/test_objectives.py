@@ -8,15 +8,16 @@ import torch
 
 from gil_megatron.algo import gil, ppo
 from gil_megatron.algo.registry import ALGORITHMS, get_algorithm
-from gil_megatron.config import PPOConfig, load_config
+from gil_megatron.config import ConfigError, PPOConfig, load_config
 from gil_megatron.ppo import objectives
 from gil_megatron.ppo.experience import make_experience
 
+from objective_params import make_params
 from test_experience import rollout_batch
 
 
 def test_registry_lists_every_algorithm_and_rejects_unknown_names():
-    assert {"ppo", "ppo_no_kl", "gil", "gil_v1", "gil_no_adaptive_kl", "gil_no_invariance",
+    assert {"ppo", "ppo_no_kl", "gil", "gil_v1", "gil_no_group_kl", "gil_no_invariance",
             "gil_shuffled_weights"} <= set(ALGORITHMS)
     with pytest.raises(ValueError, match="valid: ppo, ppo_no_kl, gil"):
         get_algorithm("gill")
@@ -27,7 +28,7 @@ def test_every_algorithm_runs_through_the_shared_signature(name):
     algo = get_algorithm(name)
     cfg = load_config(PPOConfig, None, ["models.actor=x", "models.reward_model=y", "data.train_prompts=z",
                                         f"algo={name}", "rollout.n_samples_per_prompt=2"])
-    params = objectives.params_from_config(cfg)
+    params = objectives.ObjectiveParams.from_config(cfg)
     batch, _ = rollout_batch()
     batch["prompt_index"] = torch.arange(8) // 2
     exp = make_experience(batch, algo, params, eta=0.05, generator=torch.Generator().manual_seed(0))
@@ -46,29 +47,27 @@ def test_every_algorithm_runs_through_the_shared_signature(name):
 
 def test_gil_v1_fixes_its_options_and_min_mass_follows_the_variance():
     base = ["models.actor=x", "models.reward_model=y", "data.train_prompts=z"]
-    v1 = objectives.params_from_config(load_config(PPOConfig, None, base + ["algo=gil_v1", "gil.beta_policy=0.3"]))
-    assert (v1.variance, v1.group_level, v1.performance, v1.beta_policy, v1.weight_max, v1.min_group_mass) == \
+    v1 = objectives.ObjectiveParams.from_config(load_config(PPOConfig, None, base + ["algo=gil_v1"])).gil
+    assert (v1.variance, v1.group_level, v1.performance, v1.beta_policy, v1.weight_max, v1.group_mass_floor()) == \
         ("unweighted", "response", "whitened_score", 1.0, None, 0.1)
-    v2 = objectives.params_from_config(load_config(PPOConfig, None, base + ["algo=gil"]))
-    assert (v2.variance, v2.group_level, v2.performance, v2.beta_policy, v2.min_group_mass) == \
+    v2 = objectives.ObjectiveParams.from_config(load_config(PPOConfig, None, base + ["algo=gil"])).gil
+    assert (v2.variance, v2.group_level, v2.performance, v2.beta_policy, v2.group_mass_floor()) == \
         ("mass_weighted", "prompt", "prompt_value", 0.25, 0.0)
-    unweighted = objectives.params_from_config(load_config(PPOConfig, None, base + ["gil.variance=unweighted"]))
-    assert unweighted.min_group_mass == 0.1
+    unweighted = load_config(PPOConfig, None, base + ["gil.variance=unweighted"]).gil
+    assert unweighted.group_mass_floor() == 0.1
 
 
-def test_kl_coefficients_are_decided_in_one_place():
-    p_high = torch.tensor([1.0, 0.5, 0.0, 0.5])
-    params = objectives.ObjectiveParams()
-    get = get_algorithm
-    r, l_ = objectives.kl_coefficients(get("ppo"), params, 0.1, p_high)
-    assert torch.equal(r, torch.full((4,), 0.1)) and torch.equal(l_, torch.zeros(4))
-    r, l_ = objectives.kl_coefficients(get("gil"), params, 0.1, p_high)
-    assert torch.allclose(r, 0.1 * p_high) and torch.equal(l_, torch.zeros(4))
-    r, l_ = objectives.kl_coefficients(get("gil"), objectives.ObjectiveParams(kl_in="loss",
-                                                                              adaptive_kl_normalize=True), 0.1, p_high)
-    assert torch.equal(r, torch.zeros(4)) and torch.allclose(l_, 0.2 * p_high)
-    r, l_ = objectives.kl_coefficients(get("ppo_no_kl"), params, 0.1, p_high)
-    assert not r.any() and not l_.any()
+def test_a_preset_is_never_overridden_silently():
+    """A key the algorithm fixes, set by the user to another value, stops the config with one line
+    naming the key, the algorithm and the value it requires; the same value is accepted."""
+    base = ["models.actor=x", "models.reward_model=y", "data.train_prompts=z"]
+    with pytest.raises(ConfigError, match=r"gil.beta_policy=0.3 conflicts with algo=gil_v1, which requires "
+                                          r"gil.beta_policy=1.0"):
+        load_config(PPOConfig, None, base + ["algo=gil_v1", "gil.beta_policy=0.3"])
+    with pytest.raises(ConfigError, match="ppo.kl_in='reward' conflicts with algo=grpo, which requires ppo.kl_in='loss'"):
+        load_config(PPOConfig, None, base + ["algo=grpo", "rollout.n_samples_per_prompt=2", "ppo.kl_in=reward"])
+    cfg = load_config(PPOConfig, None, base + ["algo=grpo", "rollout.n_samples_per_prompt=2", "ppo.kl_in=loss"])
+    assert (cfg.ppo.kl_in, cfg.ppo.whiten_advantages) == ("loss", False)
 
 
 def _policy_mb(seed=0, B=6, T=5):
@@ -82,7 +81,7 @@ def _policy_mb(seed=0, B=6, T=5):
 
 def test_policy_loss_applies_the_sample_weights():
     mb, g = _policy_mb()
-    params = objectives.ObjectiveParams()
+    params = make_params()
     logprobs = (mb["old_logprobs"] + 0.3 * torch.randn(6, 5, generator=g)).requires_grad_(True)
     w = torch.tensor([0.0, 2.0, 1.0, 0.5, 1.5, 1.0])
     weighted, _ = objectives.actor_loss({**mb, "sample_weights": w}, logprobs, None, params)
@@ -96,7 +95,7 @@ def test_policy_loss_applies_the_sample_weights():
 
 def test_in_loss_kl_uses_per_sample_coefficients_and_penalises():
     mb, g = _policy_mb(1)
-    params = objectives.ObjectiveParams(kl_in="loss", kl_estimator="k3")
+    params = make_params(kl_in="loss", kl_estimator="k3")
     logprobs = mb["old_logprobs"].clone().requires_grad_(True)
     coef = torch.tensor([0.0, 0.1, 0.2, 0.0, 0.1, 0.3])
     with_kl, metrics = objectives.actor_loss({**mb, "kl_loss_coef": coef}, logprobs, None, params)
@@ -116,19 +115,19 @@ def test_linearised_group_gradient_equals_whole_batch_autograd_across_ranks_and_
     x = torch.randn(N, D, generator=g)
     phi = torch.randn(D, M, generator=g).requires_grad_(True)
     perf = gil.performance("whitened_score", scores=torch.randn(N, generator=g))
-    params = objectives.ObjectiveParams()
+    params = make_params()
 
     def q_of(rows):
         return torch.softmax(x[rows] @ phi, dim=1)
 
-    full_loss, _ = gil.group_inference_loss(q_of(torch.arange(N)), perf, params.beta_critic)
+    full_loss, _ = gil.group_inference_loss(q_of(torch.arange(N)), perf, params.gil.beta_critic)
     (full_grad,) = torch.autograd.grad(full_loss, phi)
 
     batch = {"group_logits": (x @ phi).detach(), "scores": perf, "raw_scores": perf,
              "old_logprobs": torch.zeros(N, 2), "ref_logprobs": torch.zeros(N, 2),
              "values": perf[:, None].repeat(1, 2), "action_mask": torch.ones(N, 2)}
     coeffs = make_experience(batch, get_algorithm("gil"),
-                             objectives.ObjectiveParams(performance="whitened_score"), eta=0.0)["group_coeffs"]
+                             make_params(performance="whitened_score"), eta=0.0)["group_coeffs"]
     order = torch.randperm(N, generator=g)
     steps = []
     for k in range(n_mini):
@@ -147,10 +146,8 @@ def test_linearised_group_gradient_equals_whole_batch_autograd_across_ranks_and_
 
 
 def test_every_objective_parameter_is_read_from_its_config_key():
-    """Each ObjectiveParams field, set to a non-default value in the YAML/overrides, arrives in the
-    params (a field silently left at its default would fail here)."""
-    import dataclasses
-
+    """Each ppo.* / gil.* setting, set to a non-default value in the YAML/overrides, arrives in the
+    params the objectives read (a setting silently left at its default would fail here)."""
     overrides = {
         "ppo.clip_eps": 0.3, "ppo.clip_ratio_c": 4.0, "ppo.value_clip": 0.3, "ppo.vf_coef": 0.7,
         "ppo.entropy_coef": 0.01, "ppo.loss_agg_mode": "token_mean", "ppo.gamma": 0.99, "ppo.lam": 0.9,
@@ -158,24 +155,29 @@ def test_every_objective_parameter_is_read_from_its_config_key():
         "gil.num_groups": 3, "gil.group_level": "response", "gil.performance": "mc_return",
         "gil.variance": "unweighted", "gil.inference": "known", "gil.beta_policy": 0.5, "gil.beta_critic": 2.0,
         "gil.weight_min": 0.1, "gil.weight_max": 3.0, "gil.min_group_mass": 0.2, "gil.mass_penalty_coef": 2.0,
-        "gil.entropy_coef": 0.1, "gil.adaptive_kl_normalize": "true",
+        "gil.entropy_coef": 0.1, "gil.group_kl_normalize": "true",
     }
     base = ["models.actor=x", "models.reward_model=y", "data.train_prompts=z", "algo=gil"]
-    params = objectives.params_from_config(
+    params = objectives.ObjectiveParams.from_config(
         load_config(PPOConfig, None, base + [f"{k}={v}" for k, v in overrides.items()]))
-    default = objectives.ObjectiveParams()
-    unchanged = [f.name for f in dataclasses.fields(params) if getattr(params, f.name) == getattr(default, f.name)]
+    default = make_params()
+
+    def value(p, key):
+        section, name = key.split(".")
+        return getattr(getattr(p, section), name)
+
+    unchanged = [key for key in overrides if value(params, key) == value(default, key)]
     assert unchanged == [], unchanged
-    assert (params.beta_policy, params.group_level, params.clip_ratio_c) == (0.5, "response", 4.0)
+    assert (params.gil.beta_policy, params.gil.group_level, params.ppo.clip_ratio_c) == (0.5, "response", 4.0)
 
 
 def test_critic_loss_micro_batches_add_up_to_the_mini_batch_loss():
     """With the mini-batch normaliser, the critic's value loss over two micro-batches sums to the
     loss of the whole mini-batch (gradient accumulation)."""
     batch, _ = rollout_batch()
-    exp = make_experience(batch, get_algorithm("ppo"), objectives.ObjectiveParams(), eta=0.05)
+    exp = make_experience(batch, get_algorithm("ppo"), make_params(), eta=0.05)
     mb = {**batch, **exp}
-    params = objectives.ObjectiveParams(value_clip=None)
+    params = make_params(value_clip=None)
     values = batch["values"] + 0.3 * torch.randn(8, batch["values"].shape[1], generator=torch.Generator().manual_seed(1))
     whole, _ = objectives.critic_loss(mb, values, None, params)
     normalizer = batch["action_mask"].sum()

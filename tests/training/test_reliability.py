@@ -114,7 +114,7 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
         "reward fn type": (argv(**{"models.reward_model": "null", "models.reward_fn": "reward_fns:not_numbers"}),
                            "must return a list of floats"),
         "reward fn nan": (argv(**{"models.reward_model": "null", "models.reward_fn": "reward_fns:nan_scores",
-                                  "train.iterations": 5, "train.max_bad_steps": 2}),
+                                  "train.steps": 5, "train.max_bad_steps": 2}),
                           "2 consecutive iterations with non-finite values (last: non-finite scores"),
     }
     results = spawn(_run_cases, 2, {k: v[0] for k, v in cases.items()})[0]
@@ -138,7 +138,7 @@ def test_rank_killed_mid_run_and_during_save_resumes_exactly(mini, tmp_path):  #
     from gil_megatron.training.checkpoint import complete_checkpoints
 
     def launch(run_dir, faults=None):
-        argv = launcher_overrides(mini, run_dir, **{"parallel.tp": 2, "train.iterations": 4, "train.save_every": 2,
+        argv = launcher_overrides(mini, run_dir, **{"parallel.tp": 2, "train.steps": 4, "train.save_every": 2,
                                            "checkpoint.resume": "auto", "checkpoint.keep_last": 1})
         env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "MAX_RESTARTS": "2"}
         if faults:
