@@ -120,7 +120,7 @@ def main():
         return objectives.actor_loss(mb, logprobs, entropy, params, norm)
 
     def critic_loss(mb, out):
-        values, group_logits = split_critic_output(out.float())
+        values, _, group_logits = split_critic_output(out.float())
         q = torch.softmax(score_at_last(group_logits, mb["head_lengths"]), dim=-1)
         return objectives.critic_loss(mb, values[:, :-1], q, params, norm)
 
@@ -130,7 +130,7 @@ def main():
         t0 = time.perf_counter()
         score_logprobs(models["actor"], seqs, BATCH, packed_lengths=packed)
         score_logprobs(models["reference"], seqs, BATCH, packed_lengths=packed)
-        score_critic(models["critic"], seqs, prompt, BATCH, packed_lengths=packed)
+        score_critic(models["critic"], seqs, prompt, prompt, BATCH, packed_lengths=packed)
         score_reward_model(models["reward"], seqs, lengths, BATCH, packed_lengths=packed)
         t1 = time.perf_counter()
         for half in (slice(0, BATCH // 2), slice(BATCH // 2, BATCH)):

@@ -296,8 +296,10 @@ class GILSettings:
     """prompt (the head reads the critic trunk at the last prompt token: every response to one
     prompt shares q) | response (v1: the last response token)."""
     performance: str = "prompt_value"
-    """G_i: prompt_value (critic's value at the last prompt token, whitened) | whitened_score (the
-    reward, whitened; v1) | mc_return (task-reward return, whitened) | surrogate (sum_t log pi_old * R_t)."""
+    """G_i, always a function of the task reward only (never the KL penalty): prompt_value (the
+    critic's task value at the last prompt token, fitted to task-reward returns; whitened) |
+    whitened_score (the reward, whitened; v1) | mc_return (task-reward return, whitened) |
+    surrogate (sum_t log pi_old * R_t with Monte-Carlo task returns)."""
     variance: str = "mass_weighted"
     """mass_weighted (sum_g pi_g (R_g - Rbar)^2: no tiny-group optimum) | unweighted (v1, paper-literal)."""
     inference: str = "head"

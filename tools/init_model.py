@@ -47,7 +47,7 @@ def count_parameters(arch, role: str) -> int:
     h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     layer = h * d * (2 * arch.num_attention_heads + 2 * arch.num_kv_heads) + 3 * h * f + 2 * h
     head = (0 if arch.tie_word_embeddings else arch.vocab_size * h) if role == "actor" else \
-        h * (1 if role == "reward" else 1 + arch.num_groups)
+        h * arch.score_rows(role)
     return arch.vocab_size * h + arch.num_layers * layer + h + head
 
 

@@ -77,21 +77,24 @@ def performance(
 ) -> torch.Tensor:
     """Per-sample performance G_i [N], detached, over the WHOLE rollout batch (decision).
 
-    mode="prompt_value" (default): the critic's estimated return at the last prompt token,
-        V_psi(x_i) (``prompt_values`` [N]), whitened over the batch. The paper's classifier splits
+    mode="prompt_value" (default): the critic's estimate of the prompt's task return at the last
+        prompt token, V_task(x_i) (``prompt_values`` [N]; the critic's task-value output, fitted to
+        returns of the task reward alone), whitened over the batch. The paper's classifier splits
         the returns the critic estimates; reading them at the prompt makes G a property of the
         prompt, not of one sampled response.
     mode="whitened_score" (v1): the reward score r(x_i, y_i) (``scores`` [N]), whitened.
     mode="mc_return": the task-reward return at the first response token (``returns`` [N, T] built
         from the task reward only, ``response_mask`` [N, T]), whitened.
     mode="surrogate": the slides' literal sum_t log pi_old(a_t | s_t) * R_t over the response
-        (``old_logprobs``, ``returns`` = GAE returns of the task reward, ``response_mask``; [N, T]);
-        not whitened.
+        (``old_logprobs``, ``returns`` = Monte-Carlo returns of the task reward, ``response_mask``;
+        [N, T]); not whitened.
 
     Whitening keeps beta_policy / beta_critic on one scale across modes and makes G invariant to
-    the reward's offset and scale. G never includes the adaptive-KL term: that term is
-    eta * p_high_i * KL with p_high defined through G itself (circular), and the penalty, largest on
-    the high group, would shrink exactly the gap group inference is meant to find.
+    the reward's offset and scale. Every mode is a function of the task reward only, never of the
+    KL penalty: that term is eta * p_high_i * KL with p_high defined through G itself (circular),
+    and the penalty, largest on the high group, would shrink exactly the gap group inference is
+    meant to find. (The critic's value head fits returns that include the penalty, which is why
+    prompt_value reads a separate task-value output.)
     """
     def need(**tensors):
         missing = [k for k, v in tensors.items() if v is None]

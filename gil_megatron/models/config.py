@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 ROLES = ("actor", "critic", "reward")
+# The critic's head, row by row: its value (returns of the per-token rewards, KL penalty included),
+# its task value (returns of the task reward alone: GIL's performance, docs/design.md 4.1), then the
+# group logits. A critic started from a reward model seeds both value rows with the reward row.
+CRITIC_ROWS = ("value", "task_value")
 
 
 class LayoutError(ValueError):
@@ -105,6 +109,11 @@ class LlamaArchConfig:
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_kv_heads
+
+    def score_rows(self, role: str) -> int:
+        """Rows of a scalar-head model's ``score`` projection (HF num_labels): a reward model's score;
+        a critic's value, task value and ``num_groups`` group logits (CRITIC_ROWS)."""
+        return 1 if role == "reward" else len(CRITIC_ROWS) + self.num_groups
 
     def padded_vocab_size(self, tp: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tp
@@ -211,7 +220,7 @@ class LlamaArchConfig:
         if self.model_type == "qwen2":
             hf.update(use_sliding_window=False, max_window_layers=self.num_layers)
         if role != "actor":
-            hf["num_labels"] = 1 if role == "reward" else 1 + self.num_groups
+            hf["num_labels"] = self.score_rows(role)
             if hf["pad_token_id"] is None:  # sequence classifiers need one to find the last token
                 hf["pad_token_id"] = 0
         if role == "critic":

@@ -36,12 +36,10 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, role: str = "act
     arch.check_layout(tp, pp)
     reader = HFReader(hf_dir)
     note = _head_note(arch, role, reader)
-    has_score = reader.has("score.weight") and _score_rows(reader) == (1 if role == "reward" else 1 + num_groups)
+    has_score = reader.has("score.weight") and _score_rows(reader) == arch.score_rows(role)
     if role == "critic" and reader.has("score.weight") and not has_score and _score_rows(reader) == 1:
-        # a reward model's score row seeds the value head; group rows start fresh
-        value_row = reader("score.weight")
-        head = hf_mapping.fresh_score_head(arch, role, seed)
-        head[0] = value_row[0]
+        # a reward model's score row seeds the value and task-value rows; group rows start fresh
+        head = hf_mapping.critic_head_from_reward(arch, reader("score.weight"), seed)
         base = reader
 
         def reader_with_head(name, base=base, head=head):
@@ -170,11 +168,12 @@ def _head_note(arch: LlamaArchConfig, role: str, reader: HFReader) -> str:
     if not reader.has("score.weight"):
         return f"{role}: trunk loaded from a causal LM; the score head is freshly initialised"
     rows = _score_rows(reader)
-    want = 1 if role == "reward" else 1 + arch.num_groups
+    want = arch.score_rows(role)
     if rows == want:
         return f"{role}: trunk and score head loaded"
     if role == "critic" and rows == 1:
-        return "critic: trunk and value head loaded from a reward model; the group head is freshly initialised"
+        return ("critic: trunk, value and task-value rows loaded from a reward model; the group head is "
+                "freshly initialised")
     raise CheckpointError(f"score.weight has {rows} rows but a {role} needs {want}")
 
 

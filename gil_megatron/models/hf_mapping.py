@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
-from gil_megatron.models.config import LlamaArchConfig
+from gil_megatron.models.config import CRITIC_ROWS, LlamaArchConfig
 
 Reader = Callable[[str], torch.Tensor]
 
@@ -165,11 +165,20 @@ def init_hf_state_dict(arch: LlamaArchConfig, role: str, seed: int, std: float =
 
 
 def fresh_score_head(arch: LlamaArchConfig, role: str, seed: int) -> torch.Tensor:
-    """Value/reward rows start at zero (no prior on the score); group rows small and random so the
-    GIL assignment starts near, but not exactly at, uniform (the stationary point)."""
-    rows = 1 if role == "reward" else 1 + arch.num_groups
+    """Value / task-value / reward rows start at zero (no prior on the score); group rows small and
+    random so the GIL assignment starts near, but not exactly at, uniform (the stationary point)."""
+    rows = arch.score_rows(role)
     head = torch.zeros(rows, arch.hidden_size)
-    if rows > 1:
+    groups = rows - (1 if role == "reward" else len(CRITIC_ROWS))
+    if groups > 0:
         gen = torch.Generator().manual_seed(seed + 1)
-        head[1:] = torch.randn(rows - 1, arch.hidden_size, generator=gen) / arch.hidden_size**0.5
+        head[rows - groups:] = torch.randn(groups, arch.hidden_size, generator=gen) / arch.hidden_size**0.5
+    return head
+
+
+def critic_head_from_reward(arch: LlamaArchConfig, reward_row: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A critic's score head started from a reward model's score row [1, h]: the row seeds both
+    the value and the task value (both estimate returns of that reward); group rows start fresh."""
+    head = fresh_score_head(arch, "critic", seed)
+    head[:len(CRITIC_ROWS)] = reward_row[0]
     return head

@@ -2,8 +2,9 @@
 
 - actor / reference: causal LM; logits are vocab-parallel [b, s, V_padded/tp] with the padded
   vocabulary entries set to -inf, so every softmax ignores them.
-- critic: per-token value and GIL group logits from one head on the trunk's final hidden state,
-  returned as [b, s, 1 + M] (channel 0 = value, 1..M = group logits).
+- critic: per-token value, task value and GIL group logits from one head on the trunk's final
+  hidden state, returned as [b, s, 2 + M] (channel 0 = value, 1 = task value, 2.. = group logits;
+  config.CRITIC_ROWS).
 - reward: per-token scalar [b, s]; the score is read at the last non-pad token (score_at_last()).
 
 The heads replace GPTModel's vocab projection (``output_layer``) on the last pipeline stage and are
@@ -20,7 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from gil_megatron.models.config import ROLES, LayoutError, LlamaArchConfig
+from gil_megatron.models.config import CRITIC_ROWS, ROLES, LayoutError, LlamaArchConfig
 from gil_megatron.models.packing import PackedDotProductAttention, PackedSegments, Packing
 
 try:  # optional GPU accelerator; never required
@@ -90,15 +91,15 @@ def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.
 
 
 class ValueAndGroupHead(torch.nn.Module):
-    """Critic head: one bias-free projection hidden -> 1 + M (value, then M group logits).
+    """Critic head: one bias-free projection hidden -> 2 + M (value, task value, then M group logits).
 
-    Stored in HF as LlamaForSequenceClassification ``score.weight`` with num_labels = 1 + M.
+    Stored in HF as LlamaForSequenceClassification ``score.weight`` with num_labels = 2 + M.
     The group rows start random, so group assignments are not exactly uniform (a stationary point
     of the variance objective)."""
 
     def __init__(self, hidden_size: int, num_groups: int, dtype: torch.dtype):
         super().__init__()
-        self.score = torch.nn.Linear(hidden_size, 1 + num_groups, bias=False, dtype=dtype)
+        self.score = torch.nn.Linear(hidden_size, len(CRITIC_ROWS) + num_groups, bias=False, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.score(hidden_states)
@@ -262,8 +263,8 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def split_critic_output(out: torch.Tensor):
-    """[b, s, 1 + M] -> values [b, s], group_logits [b, s, M]."""
-    return out[..., 0], out[..., 1:]
+    """[b, s, 2 + M] -> values [b, s], task values [b, s], group_logits [b, s, M] (config.CRITIC_ROWS)."""
+    return out[..., 0], out[..., 1], out[..., len(CRITIC_ROWS):]
 
 
 def score_at_last(per_token: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -228,7 +228,7 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: str, tp_rank: int, tp: 
     resharding when it differs.
 
     The model's role may differ from the checkpoint's: a critic starts from a reward model (its
-    score row seeds the value head, group rows start fresh) or from an LM (fresh head); a reward
+    score row seeds the value and task-value rows, group rows start fresh) or from an LM (fresh head); a reward
     model starts from an LM (fresh head)."""
     arch, role, ck_tp, ck_pp = arch_of(ckpt_dir)
     chunks = model_chunks(model)
@@ -243,8 +243,7 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: str, tp_rank: int, tp: 
     reader = CheckpointReader(ckpt_dir)
     read, has = reader, (lambda name: role == target)
     if target == "critic" and role == "reward":
-        head = hf_mapping.fresh_score_head(chunks[0].arch, target, seed=0)
-        head[0] = reader("score.weight")[0]
+        head = hf_mapping.critic_head_from_reward(chunks[0].arch, reader("score.weight"))
         read, has = (lambda name: head if name == "score.weight" else reader(name)), (lambda name: True)
     for chunk, (stage, n_stages) in zip(chunks, stages):
         load_into_model(chunk, state_for_rank(chunk.arch, target, read, tp_rank, tp, stage, n_stages, has=has))

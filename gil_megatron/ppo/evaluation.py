@@ -122,7 +122,7 @@ def score_responses(actor: torch.nn.Module, rollout: RolloutBatch, prompts: List
         out["kl_to_ref"] = sequence_kl(actor, scorers.reference, seqs, rollout.response_mask, micro_batch_size)
     if scorers.critic is not None:
         head_lengths = rollout.prompt_lengths if scorers.group_level == "prompt" else lengths
-        _, group_logits = score_critic(scorers.critic, seqs, head_lengths, micro_batch_size)
+        *_, group_logits = score_critic(scorers.critic, seqs, head_lengths, rollout.prompt_lengths, micro_batch_size)
         probs = torch.softmax(group_logits.float(), dim=-1)
         out["group_probs"] = probs
         out["inferred_group"] = probs.argmax(dim=-1)

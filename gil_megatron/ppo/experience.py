@@ -29,14 +29,17 @@ def make_experience(
         scores [N]         trained-on reward (after normalisation / clipping)
         raw_scores [N]     the reward before normalisation (G_i for performance=whitened_score)
         old_logprobs, ref_logprobs, values, action_mask [N, T]
+        task_values [N]    the critic's task value V_task(x_i) at the last prompt token (G for
+                           gil.performance=prompt_value)
         group_logits [N, M] the critic's group head where gil.group_level reads it
         oracle_group [N]   the data's `group` mapped by gil.known_groups (-1: none); for inference=known
         prompt_index [N]   rows with equal index are samples of one prompt (default: all distinct)
     eta: the KL coefficient of this iteration (kl_penalty.KLPenalty.eta). generator: draws the
     permutation of the shuffled-weights control. Returns kl, rewards, advantages, returns [N, T];
     sample_kl_coef (eta_i, wherever ppo.kl_in puts it), kl_loss_coef (eta_i in the loss, else 0),
-    p_high, sample_weights [N] and, with group inference, group_probs, perf, group_coeffs,
-    weight_clip_frac.
+    task_returns (the task reward's return at the first response action: the task value's
+    target, no KL in it), p_high, sample_weights [N] and, with group inference, group_probs, perf,
+    group_coeffs, weight_clip_frac.
     """
     mask = batch["action_mask"].float()
     old_logprobs, values = batch["old_logprobs"], batch["values"]
@@ -53,6 +56,10 @@ def make_experience(
         _, means, _ = gil.centred_group_means(q, perf, params.gil.variance)
         p_high = gil.p_high(q, gil.high_group(means))
         out.update(group_probs=q, perf=perf, group_coeffs=_group_coefficients(q, perf, batch, params))
+
+    # the task value's target: the return of the task reward alone, never the KL penalty (it would
+    # make G depend on the coefficients G assigns: docs/design.md 4.1)
+    task_returns = _first_action(_task_returns(batch["scores"], mask, params.ppo.gamma), mask)
 
     # 3. per-token rewards with the KL penalty (eta_i: kl_penalty.py); advantages and returns
     reward_coef, loss_coef = sample_kl_coefficients(algo, params.ppo.kl_in, eta, p_high, params.gil.group_kl_normalize)
@@ -74,24 +81,34 @@ def make_experience(
         out["weight_clip_frac"] = clip_frac
 
     out.update(kl=kl, rewards=rewards, advantages=advantages, returns=returns, sample_kl_coef=reward_coef + loss_coef,
-               kl_loss_coef=loss_coef, p_high=p_high, sample_weights=weights)
+               kl_loss_coef=loss_coef, task_returns=task_returns, p_high=p_high, sample_weights=weights)
     return out
 
 
+def _task_returns(scores: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Monte-Carlo returns [N, T] of the task reward alone (the score at the last response action;
+    no KL term, no critic)."""
+    task_rewards = ppo.compute_token_rewards(scores, torch.zeros_like(mask), 0.0, mask)
+    _, returns = ppo.compute_gae(task_rewards, torch.zeros_like(mask), mask, gamma, 1.0)
+    return returns
+
+
+def _first_action(per_action: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N, T] -> [N]: the value at each row's first response action."""
+    return per_action.gather(1, mask.argmax(dim=-1)[:, None]).squeeze(1)
+
+
 def _performance(batch: Dict[str, torch.Tensor], params: ObjectiveParams, mask: torch.Tensor) -> torch.Tensor:
-    """G_i from the rollout batch (gil.performance), never including the KL term."""
-    mode, gamma, lam = params.gil.performance, params.ppo.gamma, params.ppo.lam
-    if mode == "prompt_value":
-        first = mask.argmax(dim=-1)  # first response action: its value is V(x_i) at the last prompt token
-        return gil.performance(mode, prompt_values=batch["values"].gather(1, first[:, None]).squeeze(1))
+    """G_i from the rollout batch (gil.performance): a function of the task reward only, never of
+    the KL penalty (whose coefficients depend on G through g_high)."""
+    mode = params.gil.performance
+    if mode == "prompt_value":  # the critic's task value, fitted to task-reward returns
+        return gil.performance(mode, prompt_values=batch["task_values"])
     if mode == "whitened_score":
         return gil.performance(mode, scores=batch["raw_scores"])
-    # task-reward returns: Monte-Carlo (values 0, lambda 1) or GAE with the critic
-    task_rewards = ppo.compute_token_rewards(batch["raw_scores"], torch.zeros_like(mask), 0.0, mask)
+    returns = _task_returns(batch["raw_scores"], mask, params.ppo.gamma)
     if mode == "mc_return":
-        _, returns = ppo.compute_gae(task_rewards, torch.zeros_like(mask), mask, gamma, 1.0)
         return gil.performance(mode, returns=returns, response_mask=mask)
-    _, returns = ppo.compute_gae(task_rewards, batch["values"], mask, gamma, lam)
     return gil.performance(mode, returns=returns, old_logprobs=batch["old_logprobs"], response_mask=mask)
 
 

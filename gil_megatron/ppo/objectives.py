@@ -68,12 +68,22 @@ def actor_loss(mb: Mapping[str, torch.Tensor], logprobs: torch.Tensor, entropy: 
 
 
 def critic_loss(mb: Mapping[str, torch.Tensor], values: torch.Tensor, head_probs: Optional[torch.Tensor],
-                params: ObjectiveParams, normalizer: Optional[torch.Tensor] = None, group_scale: float = 1.0
+                params: ObjectiveParams, normalizer: Optional[torch.Tensor] = None, group_scale: float = 1.0,
+                task_values: Optional[torch.Tensor] = None, sequence_normalizer: Optional[torch.Tensor] = None,
                 ) -> Tuple[torch.Tensor, Metrics]:
-    """Critic loss of one micro-batch: vf_coef * clipped value loss, plus the group objective.
+    """Critic loss of one micro-batch: vf_coef * (clipped value loss + task-value loss), plus the
+    group objective.
 
-    mb: values (rollout-time), returns, action_mask [b, T]; group_coeffs [b, M] when groups are
-    inferred. values [b, T] current; head_probs [b, M] = q_i(phi) read where ``group_level`` says.
+    mb: values (rollout-time), returns, action_mask [b, T]; task_returns [b]; group_coeffs [b, M]
+    when groups are inferred. values [b, T] current; head_probs [b, M] = q_i(phi) read where
+    ``group_level`` says; task_values [b] = V_task(x_i) at the last prompt token, or None when
+    nothing reads it.
+
+    The task value is GIL's performance signal (gil.performance=prompt_value): it regresses the
+    return of the task reward alone (experience.py's task_returns, no KL penalty), so G does not
+    depend on the KL coefficients that G itself assigns (the value head's returns carry
+    -eta_i KL_t). It is a plain squared error per sequence, ``sequence_normalizer`` the mini-batch's
+    sequence count that turns micro-batch sums into its mean.
 
     The group objective (-beta_critic * V, or a label cross-entropy) is a function of the WHOLE
     rollout batch, so it does not split into micro-batch losses; its gradient does. experience.py
@@ -86,6 +96,12 @@ def critic_loss(mb: Mapping[str, torch.Tensor], values: torch.Tensor, head_probs
                                      mode="token_mean", normalizer=normalizer)
     loss = params.ppo.vf_coef * v_loss
     metrics["value/loss"] = v_loss.detach()
+    if task_values is not None:
+        ones = torch.ones_like(task_values)[:, None]
+        task_loss, _ = ppo.value_loss(task_values[:, None], task_values[:, None].detach(), mb["task_returns"][:, None],
+                                      ones, None, mode="token_mean", normalizer=sequence_normalizer)
+        loss = loss + params.ppo.vf_coef * task_loss
+        metrics["value/task_loss"] = task_loss.detach()
     if head_probs is not None and "group_coeffs" in mb:
         loss = loss + (mb["group_coeffs"] * head_probs).sum() * group_scale
     return loss, metrics

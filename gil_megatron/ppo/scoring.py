@@ -60,16 +60,21 @@ def score_logprobs(model, sequences: torch.Tensor, micro_batch_size: int, with_e
     return (out[0], out[1]) if with_entropy else (out[0], None)
 
 
-def score_critic(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int,
-                 packed_lengths: Optional[torch.Tensor] = None):
-    """Critic values per action position [b, s-1] and group logits at the last real token [b, M]."""
+def score_critic(model, sequences: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
+                 micro_batch_size: int, packed_lengths: Optional[torch.Tensor] = None):
+    """The critic's outputs: values per action position [b, s-1]; the task value at the last
+    prompt token [b] (V_task(x): the expected task reward of the prompt, without the KL penalty);
+    the group logits at the last of ``lengths`` [b, M] (the prompt's or the response's last token,
+    as gil.group_level says)."""
     def fn(batch, out):
-        values, group_logits = split_critic_output(out.float())
-        return [values[:, :-1], score_at_last(group_logits, batch["lengths"])]
+        values, task_values, group_logits = split_critic_output(out.float())
+        return [values[:, :-1], score_at_last(task_values, batch["prompt_lengths"]),
+                score_at_last(group_logits, batch["lengths"])]
 
-    microbatches = microbatches_of(sequences, micro_batch_size, packed_lengths, lengths=lengths)
-    values, group_logits = _forward_collect(model, microbatches, fn)
-    return values, group_logits
+    microbatches = microbatches_of(sequences, micro_batch_size, packed_lengths, lengths=lengths,
+                                   prompt_lengths=prompt_lengths)
+    values, task_values, group_logits = _forward_collect(model, microbatches, fn)
+    return values, task_values, group_logits
 
 
 def score_reward_model(model, sequences: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int,

@@ -72,6 +72,8 @@ class PPOTrainer:
         self.actor = model_from_checkpoint(m.actor, "actor", self.layout, dtype)
         self.reference = model_from_checkpoint(m.reference or m.actor, "actor", self.layout, dtype, trainable=False)
         self.critic = self.critic_train = None  # critic-free algorithms (grpo, rloo, reinforce_pp) have none
+        # the critic's task-value output is fitted when GIL's performance G reads it (docs/design.md 4.1)
+        self.fits_task_value = self.algo.group_inference and cfg.gil.performance == "prompt_value"
         if self.algo.uses_critic:
             self.critic = model_from_checkpoint(m.critic or m.reward_model or m.actor, "critic", self.layout, dtype,
                                                 num_groups=cfg.gil.num_groups)
@@ -146,9 +148,11 @@ class PPOTrainer:
         # the group head reads the critic at the last prompt token (prompt-level groups) or the last token
         head_lengths = rollout.prompt_lengths if self.params.gil.group_level == "prompt" else lengths
         if self.critic is not None:
-            values, group_logits = score_critic(self.critic, seqs, head_lengths, mbs, packed_lengths=packed)
+            values, task_values, group_logits = score_critic(self.critic, seqs, head_lengths, rollout.prompt_lengths,
+                                                             mbs, packed_lengths=packed)
         else:
-            values, group_logits = torch.zeros_like(old_logprobs), torch.zeros(len(seqs), self.params.gil.num_groups)
+            values, task_values = torch.zeros_like(old_logprobs), torch.zeros(len(seqs))
+            group_logits = torch.zeros(len(seqs), self.params.gil.num_groups)
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         if self.reward_model is not None:
             with self.offload.resident("reward_model"):
@@ -156,8 +160,9 @@ class PPOTrainer:
         else:
             scores = self.reward_fn.shared(prompts, responses)
         out = {"scores": scores, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values,
-               "group_logits": group_logits, "action_mask": rollout.response_mask[:, 1:].float(),
-               "sequences": seqs, "lengths": lengths, "head_lengths": head_lengths}
+               "task_values": task_values, "group_logits": group_logits,
+               "action_mask": rollout.response_mask[:, 1:].float(), "sequences": seqs, "lengths": lengths,
+               "prompt_lengths": rollout.prompt_lengths, "head_lengths": head_lengths}
         out = {k: v.cpu() for k, v in out.items()}
         if self.gold_fn is not None:
             out["gold"] = self.gold_fn.shared(prompts, responses)
@@ -208,16 +213,23 @@ class PPOTrainer:
         dp_group = parallel_state.get_data_parallel_group()
         normalizer = loss_normalizer(loss_units(mask, mode), dp_group)
         value_normalizer = loss_normalizer(loss_units(mask, "token_mean"), dp_group)
-        params, infer_groups = self.params, self.algo.group_inference
+        sequence_normalizer = loss_normalizer(torch.tensor(float(mask.shape[0])), dp_group)
+        params, infer_groups, fit_task_value = self.params, self.algo.group_inference, self.fits_task_value
 
         def critic_loss(mb, out):
-            values, group_logits = split_critic_output(out.float())
+            values, task_values, group_logits = split_critic_output(out.float())
             q = torch.softmax(score_at_last(group_logits, mb["head_lengths"]), dim=-1) if infer_groups else None
+            task = score_at_last(task_values, mb["prompt_lengths"]) if fit_task_value else None
             # DDP averages gradients over DP ranks, and each step sees 1/group_scale of the batch
             loss, metrics = objectives.critic_loss(mb, values[:, :-1], q, params, value_normalizer,
-                                                   group_scale=self.dp * group_scale)
-            return loss, step_sums(metrics, NORMALIZED_CRITIC_METRICS, value_normalizer,
-                                   loss_units(mb["action_mask"], "token_mean"))
+                                                   group_scale=self.dp * group_scale, task_values=task,
+                                                   sequence_normalizer=sequence_normalizer)
+            task_loss = {k: metrics.pop(k) for k in ("value/task_loss",) if k in metrics}
+            sums = step_sums(metrics, NORMALIZED_CRITIC_METRICS, value_normalizer,
+                             loss_units(mb["action_mask"], "token_mean"))
+            sums.update(step_sums(task_loss, tuple(task_loss), sequence_normalizer,
+                                  torch.tensor(float(mb["action_mask"].shape[0]))))
+            return loss, sums
 
         def actor_loss(mb, logits):
             logprobs, entropy = action_logprobs(logits, mb["input_ids"], with_entropy=True,
@@ -279,6 +291,8 @@ class PPOTrainer:
             "reward/mean": full["scores"].mean(), "reward/std": full["scores"].std(),
             "kl/mean": kl_seq.mean(), "kl/sample_coef_mean": full["sample_kl_coef"].mean(), **self.kl.metrics(),
             "value/explained_var": ppo.explained_variance(full["values"], full["returns"], mask),
+            "value/task_explained_var": ppo.explained_variance(full["task_values"][:, None], full["task_returns"][:, None],
+                                                               torch.ones(mask.shape[0], 1)),
             "advantages/mean": ppo.masked_mean(full["advantages"], mask),
         }
         if "gold" in full:

@@ -29,7 +29,7 @@ def param_count(arch: LlamaArchConfig, role: str) -> int:
     mlp = 3 * h * f
     per_layer = attn + mlp + 2 * h
     emb = arch.vocab_size * h
-    head = emb if role == "actor" and not arch.tie_word_embeddings else h * (1 + arch.num_groups)
+    head = (emb if not arch.tie_word_embeddings else 0) if role == "actor" else h * arch.score_rows(role)
     return emb + arch.num_layers * per_layer + h + head
 
 

@@ -27,8 +27,10 @@ def rollout_batch(N=8, T=6, M=2, seed=0):
     logits = torch.stack([torch.where(high, -2.0, 2.0), torch.where(high, 2.0, -2.0)], 1)
     logits = logits + 0.3 * torch.randn(N, M, generator=g)
     scores = torch.randn(N, generator=g) + torch.where(high, 1.0, -1.0)
+    # the critic's task value of each prompt: high rows high, on another scale than the value head's
+    task_values = torch.where(high, 0.8, -0.6) + 0.1 * torch.randn(N, generator=g)
     return {"scores": scores, "raw_scores": scores, "old_logprobs": old, "ref_logprobs": ref, "values": values,
-            "action_mask": mask, "group_logits": logits, "oracle_group": high.long(),
+            "task_values": task_values, "action_mask": mask, "group_logits": logits, "oracle_group": high.long(),
             "known_group": high.long()}, high
 
 
@@ -80,13 +82,45 @@ def test_advantages_are_whitened_over_response_tokens():
     assert torch.allclose(raw["advantages"], expected) and torch.allclose(raw["returns"], returns)
 
 
-def test_performance_is_the_whitened_value_at_the_last_prompt_token():
+def test_performance_is_the_whitened_task_value_not_the_value_head():
     batch, high = rollout_batch()
     exp = make_experience(batch, get_algorithm("gil"), make_params(), eta=0.1)
-    first = batch["action_mask"].argmax(1)
-    v_prompt = batch["values"][torch.arange(8), first]
-    assert torch.allclose(exp["perf"], (v_prompt - v_prompt.mean()) / v_prompt.std(), atol=1e-5)
+    task = batch["task_values"]
+    assert torch.allclose(exp["perf"], (task - task.mean()) / task.std(), atol=1e-5)
     assert exp["perf"][high].min() > exp["perf"][~high].max()
+    first = batch["action_mask"].argmax(1)
+    v_prompt = batch["values"][torch.arange(8), first]  # the value head's V(x): returns with the KL penalty in them
+    assert not torch.allclose(exp["perf"], (v_prompt - v_prompt.mean()) / v_prompt.std(), atol=1e-2)
+
+
+def test_oracle_g_and_the_groups_do_not_depend_on_the_kl_penalty():
+    """G is a function of the task reward only: the same rollout batch made into experience with
+    two different eta, and with the group-scaled KL normalised or not, gives identical G, group
+    means, high group, p_high, group-head targets and task-value targets; the value head's returns
+    (which carry -eta_i KL_t) do change, so the penalty is really there."""
+    from gil_megatron.algo.gil import PERFORMANCE_MODES
+
+    batch, _ = rollout_batch()
+    q = torch.softmax(batch["group_logits"], 1)
+    for mode in PERFORMANCE_MODES:
+        for inference in ("head", "exact"):
+            a = make_experience(batch, get_algorithm("gil"), make_params(performance=mode, inference=inference),
+                                eta=0.01)
+            b = make_experience(batch, get_algorithm("gil"), make_params(performance=mode, inference=inference,
+                                                                         group_kl_normalize=True), eta=1.0)
+            for key in ("perf", "group_coeffs", "p_high", "task_returns"):
+                assert torch.equal(a[key], b[key]), (mode, inference, key)
+            means_a = gil.centred_group_means(q, a["perf"])[1]
+            assert torch.equal(means_a, gil.centred_group_means(q, b["perf"])[1])
+            assert int(gil.high_group(means_a)) == int(gil.high_group(gil.centred_group_means(q, b["perf"])[1]))
+            assert not torch.allclose(a["returns"], b["returns"]), mode
+
+
+def test_task_returns_are_the_discounted_task_reward_without_kl():
+    batch, _ = rollout_batch()
+    mask, gamma = batch["action_mask"], 0.9
+    exp = make_experience(batch, get_algorithm("gil"), make_params(gamma=gamma), eta=0.5)
+    assert torch.allclose(exp["task_returns"], gamma ** (mask.sum(1) - 1) * batch["scores"], atol=1e-6)
 
 
 def test_invariance_weights_damp_the_high_group_and_are_bounded():

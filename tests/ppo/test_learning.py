@@ -1,6 +1,6 @@
 """Does the objective stack learn? A tabular contextual bandit trained through the engine's own
 make_experience, actor_loss and critic_loss (no megatron: a logits table is the policy, a value
-table plus a linear group head on prompt features is the critic), several seeds, directions
+table, a task-value table and a linear group head on prompt features are the critic), several seeds, directions
 asserted with margins:
 
 - PPO raises the trained-on reward within a bounded number of iterations;
@@ -47,9 +47,10 @@ def train(algo_name, seed, iterations=40, **overrides):
     eta = overrides.pop("eta", 0.1)
     theta = ref_logits.clone().requires_grad_(True)
     value = torch.zeros(P, requires_grad=True)
+    task_value = torch.zeros(P, requires_grad=True)
     head = torch.nn.Linear(features.shape[1], 2)
     actor_opt = torch.optim.SGD([theta], lr=2.0)  # not Adam: per-parameter normalisation would cancel per-prompt weights in a table
-    critic_opt = torch.optim.Adam([value, *head.parameters()], lr=0.1)
+    critic_opt = torch.optim.Adam([value, task_value, *head.parameters()], lr=0.1)
     history = []
     for _ in range(iterations):
         with torch.no_grad():
@@ -65,7 +66,7 @@ def train(algo_name, seed, iterations=40, **overrides):
                 "scores": scores, "raw_scores": scores,
                 "old_logprobs": torch.log_softmax(theta, 1)[prompts, actions][:, None],
                 "ref_logprobs": torch.log_softmax(ref_logits, 1)[prompts, actions][:, None],
-                "values": value[prompts][:, None], "action_mask": torch.ones(N, 1),
+                "values": value[prompts][:, None], "task_values": task_value[prompts], "action_mask": torch.ones(N, 1),
                 "group_logits": head(features[prompts]), "oracle_group": hard[prompts].long(),
             }
         exp = make_experience(batch, algo, params, eta, generator=g)
@@ -76,7 +77,8 @@ def train(algo_name, seed, iterations=40, **overrides):
         loss.backward()
         actor_opt.step()
         q = torch.softmax(head(features[prompts]), 1) if algo.group_inference else None
-        c_loss, _ = objectives.critic_loss(mb, value[prompts][:, None], q, params)
+        c_loss, _ = objectives.critic_loss(mb, value[prompts][:, None], q, params, task_values=task_value[prompts],
+                                           sequence_normalizer=torch.tensor(float(N)))
         critic_opt.zero_grad()
         c_loss.backward()
         critic_opt.step()

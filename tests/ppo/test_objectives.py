@@ -186,3 +186,26 @@ def test_critic_loss_micro_batches_add_up_to_the_mini_batch_loss():
     assert torch.allclose(sum(parts), whole, atol=1e-6)
     assert not torch.allclose(parts[0], objectives.critic_loss({k: v[:3] for k, v in mb.items()}, values[:3],
                                                                None, params)[0])
+
+
+def test_task_value_term_fits_task_returns_and_splits_over_micro_batches():
+    """The critic's task value regresses experience's task_returns (the task reward alone): its
+    gradient points at them, and with the sequence normaliser two micro-batches add up to the
+    mini-batch's loss."""
+    batch, _ = rollout_batch()
+    exp = make_experience(batch, get_algorithm("gil"), make_params(), eta=0.05)
+    mb = {**batch, **exp}
+    params = make_params(value_clip=None, vf_coef=0.5)
+    task = torch.zeros(8, requires_grad=True)
+    without, _ = objectives.critic_loss(mb, batch["values"], None, params)
+    with_task, metrics = objectives.critic_loss(mb, batch["values"], None, params, task_values=task)
+    expected = 0.5 * 0.5 * (exp["task_returns"]).square().mean()
+    assert torch.allclose(with_task - without, expected, atol=1e-6)
+    assert torch.allclose(metrics["value/task_loss"], 0.5 * exp["task_returns"].square().mean(), atol=1e-6)
+    (grad,) = torch.autograd.grad(with_task, task)
+    assert torch.allclose(grad, -0.5 * exp["task_returns"] / 8, atol=1e-6)  # descent moves V_task toward R_task
+    n_seq = torch.tensor(8.0)
+    parts = [objectives.critic_loss({k: v[sl] for k, v in mb.items() if v.dim()}, batch["values"][sl], None, params,
+                                    batch["action_mask"].sum(), task_values=task[sl], sequence_normalizer=n_seq)[1]
+             ["value/task_loss"] for sl in (slice(0, 3), slice(3, 8))]
+    assert torch.allclose(sum(parts), metrics["value/task_loss"], atol=1e-6)

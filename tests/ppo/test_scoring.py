@@ -26,6 +26,9 @@ def batch():
     return sequences, lengths
 
 
+PROMPT_LENGTHS = torch.tensor([3, 2, 4, 1, 5])
+
+
 def _score(tp):
     from gil_megatron.models.llama import LlamaModel
     from gil_megatron.models.pipeline import gather_vocab_shards
@@ -42,10 +45,11 @@ def _score(tp):
     out = {}
     out["logprobs"], out["entropy"] = score_logprobs(actor, sequences, MICRO, with_entropy=True)
     out["logprobs_only"], _ = score_logprobs(actor, sequences, MICRO)
-    out["values"], out["group_logits"] = score_critic(critic, sequences, lengths, MICRO)
+    out["values"], out["task_values"], out["group_logits"] = score_critic(critic, sequences, lengths, PROMPT_LENGTHS,
+                                                                           MICRO)
     with torch.no_grad():  # the plain forwards of the whole batch at once
         out["full_logits"] = gather_vocab_shards(actor(sequences))  # [b, s, V_padded]
-        out["critic_out"] = critic(sequences)  # [b, s, 1 + M]
+        out["critic_out"] = critic(sequences)  # [b, s, 2 + M]: value, task value, group logits
     return out
 
 
@@ -90,6 +94,9 @@ def test_scoring_matches_naive_forward(tp):
         assert out["values"].shape == (BATCH, SEQ - 1)
         torch.testing.assert_close(out["values"], critic_out[:, :-1, 0], atol=1e-6, rtol=1e-6,
                                    msg=lambda m: f"{what} values at positions 0..s-2: {m}")
-        expected_groups = torch.stack([critic_out[i, lengths[i] - 1, 1:] for i in range(BATCH)])
+        expected_task = torch.stack([critic_out[i, PROMPT_LENGTHS[i] - 1, 1] for i in range(BATCH)])
+        torch.testing.assert_close(out["task_values"], expected_task, atol=1e-6, rtol=1e-6,
+                                   msg=lambda m: f"{what} task values at the last prompt token: {m}")
+        expected_groups = torch.stack([critic_out[i, lengths[i] - 1, 2:] for i in range(BATCH)])
         torch.testing.assert_close(out["group_logits"], expected_groups, atol=1e-6, rtol=1e-6,
                                    msg=lambda m: f"{what} group logits at the last real token: {m}")

@@ -75,9 +75,14 @@ def test_engine_layouts_resume_and_algos(mini, tmp_path):
     for rescored, from_decode in zip(rescored_runs, decode_runs, strict=True):
         assert rescored["kl/mean"] != 0 or rescored["iteration"] == 1
         assert_metrics_close(rescored, from_decode)
+    w0 = hf_weights(mini / "actor")
     w1, w2 = hf_weights(latest_actor(tmp_path / "tp1_gil")), hf_weights(latest_actor(tmp_path / "tp2_gil"))
     for name in w1:
-        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+        # the same update up to fp32 rounding: Adam's first steps normalise each element's gradient,
+        # so an element whose gradient is ~0 may move by a fraction of lr either way; compare the
+        # update as a whole (1e-3 of its norm), not element by element
+        update = (w1[name] - w0[name]).norm()
+        assert update > 0 and (w1[name] - w2[name]).norm() < 1e-3 * update, name
 
     # stop after 2 iterations + resume 2 == 4 straight, bit for bit
     straight, resumed = tp2["straight"], tp2["resumed"]
@@ -111,8 +116,8 @@ def _critic_group_logits(ckpt):
     # two rows with the same 4-token prompt and different responses, right-padded with 0
     seqs = torch.tensor([[1, 5, 6, 7, 9, 10, 11], [1, 5, 6, 7, 12, 0, 0]])
     prompt_lengths, lengths = torch.tensor([4, 4]), torch.tensor([7, 5])
-    at_prompt = score_critic(critic, seqs, prompt_lengths, 2)[1]
-    at_end = score_critic(critic, seqs, lengths, 2)[1]
+    at_prompt = score_critic(critic, seqs, prompt_lengths, prompt_lengths, 2)[2]
+    at_end = score_critic(critic, seqs, lengths, prompt_lengths, 2)[2]
     return at_prompt, at_end
 
 

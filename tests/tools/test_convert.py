@@ -73,15 +73,17 @@ def test_reward_and_critic_heads_match_transformers(tmp_path, capsys):
     assert "trunk and score head loaded" in capsys.readouterr().out
     convert("--load-dir", hf_rm, "--save-dir", str(tmp_path / "critic"), "--target-pipeline-parallel-size", "2",
             "--model-type", "critic")
-    assert "value head loaded from a reward model; the group head is freshly initialised" in capsys.readouterr().out
+    assert ("value and task-value rows loaded from a reward model; the group head is freshly initialised"
+            in capsys.readouterr().out)
     # reward model at TP2 and the critic (value row = RM score) at PP2 against transformers
     spawn(_verify, 2, ["--load-dir", str(tmp_path / "rm_tp2"), "--hf-dir", hf_rm])
     convert("--to-hf", "--load-dir", str(tmp_path / "critic"), "--save-dir", str(tmp_path / "critic_hf"))
     spawn(_verify, 2, ["--load-dir", str(tmp_path / "critic"), "--hf-dir", str(tmp_path / "critic_hf")])
     critic_score = read_all(str(tmp_path / "critic_hf"))["score.weight"]
-    assert critic_score.shape == (3, 64)
-    assert torch.equal(critic_score[0], read_all(hf_rm)["score.weight"][0])
-    assert critic_score[1:].abs().sum() > 0  # group rows not all equal -> assignments not uniform
+    assert critic_score.shape == (4, 64)  # value, task value, 2 group logits
+    for row in (0, 1):  # both value rows start from the RM's score row
+        assert torch.equal(critic_score[row], read_all(hf_rm)["score.weight"][0])
+    assert critic_score[2:].abs().sum() > 0  # group rows not all equal -> assignments not uniform
 
 
 def test_verify_tool_under_torchrun(tmp_path):
