@@ -248,6 +248,9 @@ class CheckpointReader:
     def __call__(self, name: str, index: hf_mapping.Index = None) -> torch.Tensor:
         return hf_mapping.dict_reader(self.tensors)(name, index)
 
+    def close(self):
+        self.__dict__.pop("tensors", None)
+
 
 # ---- into / out of a live model --------------------------------------------------------------
 def role_reader(arch: LlamaArchConfig, target: str, source: str, read: hf_mapping.Reader,
@@ -335,8 +338,7 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: str, tp_rank: int, tp: 
     for chunk, (stage, n_stages) in zip(chunks, stages):
         load_into_model(chunk, state_for_rank(chunk.arch, target, read, tp_rank, tp, stage, n_stages,
                                               load_head=load_head))
-    if isinstance(reader, HFReader):
-        reader.close()
+    reader.close()
 
 
 def save_model_weights(model: torch.nn.Module, out_dir: str, tp_rank: int, pp_rank: int) -> None:
