@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint to gil_megatron's TP/PP shards, or back.
+"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint to gil_megatron's TP/PP shards, or back.
 
     python tools/convert_hf_checkpoint.py --load-dir HF_DIR --save-dir OUT \\
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 2 [--model-type actor|critic|reward]
@@ -7,7 +7,10 @@
         --save-dir HF_OUT [--tokenizer-dir TOKENIZER_DIR]
 
 Families: Llama (plain RoPE or rope_scaling llama3 / linear), Mistral (full attention), Qwen2 and
-Qwen2.5 (q/k/v bias, tied or untied embeddings); anything else is refused with one line.
+Qwen2.5 (q/k/v bias, tied or untied embeddings), Qwen3 dense (per-head q/k RMSNorm, tied or untied);
+anything else is refused with one line. Runs and stages also take a HF directory directly
+(models.actor / reference / critic / reward_model, init): it is converted in memory at the run's
+layout, each rank reading only its shard; converting first saves that work at every start.
 Reads config.json and safetensors (single file or sharded index) one tensor at a time, so peak
 memory stays near one output shard. A critic or reward model can start from a
 ...ForSequenceClassification checkpoint or from a causal LM (fresh heads; the output says which).

@@ -165,7 +165,7 @@ def _check_model_dir(flag, path, role):
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path}: no such model directory")
-    _, found, _, _ = arch_of(path)
+    _, found, _, _ = arch_of(path, flag)
     if found != role:
         raise ValueError(f"{flag} {path} is a {found} checkpoint; this option needs a {role}")
 

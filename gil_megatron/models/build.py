@@ -1,4 +1,5 @@
-"""Build a role's model on this rank from a checkpoint directory (any layout) or fresh weights."""
+"""Build a role's model on this rank from a model directory: ours (any layout) or a Hugging Face one
+(converted in memory at the run's layout; models/weights.checkpoint_format tells them apart)."""
 
 import os
 from typing import Optional
@@ -19,13 +20,14 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def model_from_checkpoint(ckpt_dir: str, role: str, layout: ParallelLayout, dtype: torch.dtype = torch.float32,
-                          num_groups: Optional[int] = None, trainable: bool = True) -> torch.nn.Module:
+                          num_groups: Optional[int] = None, trainable: bool = True,
+                          key: Optional[str] = None) -> torch.nn.Module:
     """A ``role`` model whose trunk (and head, when the checkpoint has a matching one) comes from
-    ``ckpt_dir``. A critic may start from a reward model or an LM: missing heads start fresh.
+    ``ckpt_dir``, a model directory of ours or a Hugging Face one (each rank reads only its shard).
+    A critic may start from a reward model or an LM, a reward model from an LM: missing heads start
+    fresh. ``key``: the config key that named ``ckpt_dir``, for the error message.
     Returns a LlamaModel, or with a virtual pipeline (layout.vp > 1) this rank's ModelChunks."""
-    if not os.path.isdir(ckpt_dir):
-        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
-    arch, _, _, _ = arch_of(ckpt_dir)
+    arch, _, _, _ = arch_of(ckpt_dir, key)
     if num_groups is not None:
         arch.num_groups = num_groups
     arch.check_layout(layout.tp, layout.pp)
@@ -45,12 +47,15 @@ def model_from_checkpoint(ckpt_dir: str, role: str, layout: ParallelLayout, dtyp
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, key: Optional[str] = None):
+    """The tokenizer of a model directory of either format (ours carries the source's tokenizer
+    files) or of a tokenizer directory."""
     from transformers import AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
             os.path.join(path, "tokenizer_config.json")):
-        raise CheckpointError(f"no tokenizer in {path} (tokenizer.json); set the tokenizer path in the config")
+        where = f"{key}={path}" if key else path
+        raise CheckpointError(f"no tokenizer in {where} (tokenizer.json); set the tokenizer path in the config")
     return AutoTokenizer.from_pretrained(path)
 
 

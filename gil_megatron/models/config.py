@@ -1,7 +1,8 @@
 """The Llama architecture as a small typed config, read from / written to HF config.json.
 
-Three HF families share it: Llama (incl. Llama-3.x rope_scaling), Mistral (full attention) and
-Qwen2/Qwen2.5 (q/k/v bias). Everything else in a config.json that would change the model is refused.
+Four HF families share it: Llama (incl. Llama-3.x rope_scaling), Mistral (full attention),
+Qwen2/Qwen2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm). Everything else in a config.json that
+would change the model is refused.
 """
 
 import dataclasses
@@ -31,12 +32,19 @@ class Family:
     """HF class of the reward model / critic (a ``score`` head on the trunk)."""
     qkv_bias: bool
     """q/k/v projections carry a bias (megatron's add_qkv_bias); o_proj and the MLP never do."""
+    qk_norm: bool = False
+    """Queries and keys are RMS-normalised per head over head_dim, before RoPE (megatron's
+    qk_layernorm; HF's self_attn.q_norm / k_norm, one [head_dim] weight shared by all heads)."""
+    windowed: bool = False
+    """config.json may declare sliding-window layers (use_sliding_window / layer_types)."""
 
 
 FAMILIES = {
     "llama": Family("LlamaForCausalLM", "LlamaForSequenceClassification", qkv_bias=False),
     "mistral": Family("MistralForCausalLM", "MistralForSequenceClassification", qkv_bias=False),
-    "qwen2": Family("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True),
+    "qwen2": Family("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", qkv_bias=True, windowed=True),
+    "qwen3": Family("Qwen3ForCausalLM", "Qwen3ForSequenceClassification", qkv_bias=False, qk_norm=True,
+                    windowed=True),
 }
 
 # rope_type -> the keys it needs (besides rope_type); megatron-core 0.19's RotaryEmbedding has
@@ -107,6 +115,10 @@ class LlamaArchConfig:
         return self.family.qkv_bias
 
     @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
+
+    @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_kv_heads
 
@@ -157,6 +169,11 @@ class LlamaArchConfig:
             raise ValueError(
                 f"config.json attention_bias={hf.get('attention_bias')} mlp_bias={hf.get('mlp_bias')}: "
                 "only bias-free Llama checkpoints convert"
+            )
+        if model_type == "qwen3" and hf.get("attention_bias"):
+            raise ValueError(
+                f"config.json attention_bias={hf.get('attention_bias')}: only bias-free Qwen3 checkpoints "
+                "convert (its attention bias includes o_proj, which megatron's add_qkv_bias does not have)"
             )
         act = hf.get("hidden_act", "silu")
         if act != "silu":
@@ -217,8 +234,10 @@ class LlamaArchConfig:
             hf.update(attention_bias=False, mlp_bias=False)
         else:  # full attention in every layer (sliding windows are refused on the way in)
             hf["sliding_window"] = None
-        if self.model_type == "qwen2":
+        if self.family.windowed:
             hf.update(use_sliding_window=False, max_window_layers=self.num_layers)
+        if self.model_type == "qwen3":
+            hf["attention_bias"] = False
         if role != "actor":
             hf["num_labels"] = self.score_rows(role)
             if hf["pad_token_id"] is None:  # sequence classifiers need one to find the last token
@@ -277,18 +296,38 @@ def _check_rope_scaling(scaling: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _refuse_sliding_window(hf: Dict[str, Any], model_type: str, max_positions: int) -> None:
-    """Mistral / Qwen2 sliding-window attention is refused: our attention is full-causal. A window
-    at least max_position_embeddings long never binds, so full attention is then exact."""
-    if model_type == "qwen2":
-        layer_types = hf.get("layer_types") or []
-        sliding = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types
-    else:
-        sliding = model_type == "mistral"
+    """Sliding-window attention is refused: our attention is full-causal. A window at least
+    max_position_embeddings long never binds, so full attention is then exact.
+
+    Which layers slide is decided as transformers decides it: Mistral, every layer (when
+    sliding_window is set); Qwen2 / Qwen3, the ``layer_types`` entries "sliding_attention", or, without
+    layer_types, layers >= max_window_layers when use_sliding_window is true and sliding_window set."""
     window = hf.get("sliding_window")
-    if sliding and window is not None and window < max_positions:
+    if model_type == "mistral":
+        sliding, key, off = window is not None, "", "sliding_window to null"
+    elif FAMILIES[model_type].windowed:
+        layer_types = hf.get("layer_types")
+        if layer_types:
+            slides = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+            key = f"layer_types[{slides[0]}]='sliding_attention'" if slides else ""
+            off = "every layer_types entry to 'full_attention'"
+        else:
+            first = hf.get("max_window_layers", 0)
+            binds = hf.get("use_sliding_window") and window is not None
+            slides = list(range(first, hf["num_hidden_layers"])) if binds else []
+            key = f"use_sliding_window=True (layers {first}..{hf['num_hidden_layers'] - 1})"
+            off = "use_sliding_window to false"
+        sliding = bool(slides)
+        if sliding and window is None:  # transformers itself cannot build such a model
+            raise ValueError(f"config.json {key} but sliding_window=None: sliding-window attention is not "
+                             "supported (full attention only)")
+    else:
+        return
+    if sliding and window < max_positions:
         raise ValueError(
-            f"config.json sliding_window={window} < max_position_embeddings={max_positions}: "
+            f"config.json {key + ' with ' if key else ''}sliding_window={window} < max_position_embeddings="
+            f"{max_positions}: "
             "sliding-window attention is not supported (full attention only). If your sequences "
             f"never exceed {window} tokens the two are identical: set max_position_embeddings to "
-            f"{window} (or sliding_window to null) in config.json and convert again"
+            f"{window} (or {off}) in config.json and convert again"
         )

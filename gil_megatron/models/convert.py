@@ -1,4 +1,4 @@
-"""HF Llama / Mistral / Qwen2 directory <-> our TP/PP-sharded directory, streaming one tensor at a time.
+"""HF Llama / Mistral / Qwen2 / Qwen3 directory <-> our TP/PP-sharded directory, streaming one tensor at a time.
 
 Peak memory stays near one output shard plus one input tensor: each (tp, pp) shard is built from
 tensors read lazily out of the safetensors files, written, and dropped before the next.
@@ -17,7 +17,9 @@ from gil_megatron.models.weights import (
     HFReader,
     arch_of,
     atomic_directory,
+    hf_role,
     hf_tensors_of_stage,
+    role_reader,
     save_shard,
     state_for_rank,
     write_meta,
@@ -35,23 +37,12 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, role: str = "act
     arch.num_groups = num_groups
     arch.check_layout(tp, pp)
     reader = HFReader(hf_dir)
-    note = _head_note(arch, role, reader)
-    has_score = reader.has("score.weight") and _score_rows(reader) == arch.score_rows(role)
-    if role == "critic" and reader.has("score.weight") and not has_score and _score_rows(reader) == 1:
-        # a reward model's score row seeds the value and task-value rows; group rows start fresh
-        head = hf_mapping.critic_head_from_reward(arch, reader("score.weight"), seed)
-        base = reader
-
-        def reader_with_head(name, base=base, head=head):
-            return head if name == "score.weight" else base(name)
-        read, has = reader_with_head, (lambda name: True)
-    else:
-        read, has = reader, (lambda name: has_score)
+    read, load_head, note = role_reader(arch, role, hf_role(reader), reader, reader.has, hf_dir, seed)
     total = tp * pp
     with atomic_directory(out_dir) as tmp:
         for pp_rank in range(pp):
             for tp_rank in range(tp):
-                state = state_for_rank(arch, role, read, tp_rank, tp, pp_rank, pp, has=has, seed=seed)
+                state = state_for_rank(arch, role, read, tp_rank, tp, pp_rank, pp, load_head=load_head, seed=seed)
                 save_shard(tmp, tp_rank, pp_rank, state)
                 del state
                 if progress:
@@ -153,30 +144,6 @@ def _write_generation_config(out_dir: str, ids: dict) -> None:
         json.dump(config, f, indent=2)
 
 
-def _score_rows(reader: HFReader) -> int:
-    return reader("score.weight").shape[0]
-
-
-def _head_note(arch: LlamaArchConfig, role: str, reader: HFReader) -> str:
-    if role == "actor":
-        if not reader.has("lm_head.weight") and not arch.tie_word_embeddings:
-            raise CheckpointError(
-                f"{reader.hf_dir} has no lm_head.weight and tie_word_embeddings is false: "
-                "it is not a causal LM; use --model-type reward or critic"
-            )
-        return "actor: trunk and " + ("tied embedding / LM head" if arch.tie_word_embeddings else "lm_head") + " loaded"
-    if not reader.has("score.weight"):
-        return f"{role}: trunk loaded from a causal LM; the score head is freshly initialised"
-    rows = _score_rows(reader)
-    want = arch.score_rows(role)
-    if rows == want:
-        return f"{role}: trunk and score head loaded"
-    if role == "critic" and rows == 1:
-        return ("critic: trunk, value and task-value rows loaded from a reward model; the group head is "
-                "freshly initialised")
-    raise CheckpointError(f"score.weight has {rows} rows but a {role} needs {want}")
-
-
 # What AutoTokenizer reads (fast and slow tokenizers; recent transformers keep the chat template in
 # chat_template.jinja, older ones inside tokenizer_config.json) plus the generation defaults.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -200,5 +167,6 @@ def save_fresh_model(arch: LlamaArchConfig, role: str, out_dir: str, tp: int, pp
     with atomic_directory(out_dir) as tmp:
         for pp_rank in range(pp):
             for tp_rank in range(tp):
-                save_shard(tmp, tp_rank, pp_rank, state_for_rank(arch, role, full.__getitem__, tp_rank, tp, pp_rank, pp))
+                save_shard(tmp, tp_rank, pp_rank, state_for_rank(arch, role, hf_mapping.dict_reader(full), tp_rank, tp,
+                                                                  pp_rank, pp))
         write_meta(tmp, arch, role, tp, pp, source=f"random init, seed {seed}")

@@ -20,10 +20,11 @@ the whole prefix (``repeat_interleave``) every step. This path instead:
 - computes the output layer for the last position only.
 
 The training forward is untouched: this module only reads the modules' weights. The math is the
-same as GPTModel's forward (RMSNorm, fused qkv split per query group, RoPE, causal softmax attention,
-output projection, residual, SwiGLU MLP, residual, final norm, head); tests/ppo/test_rollout.py checks
-that its logits equal the megatron forward's at TP1 and TP2 (fp32) and that greedy tokens are
-identical. Scope: the local (non-TE) layer spec, which is what runs on CPU; a model built with
+same as GPTModel's forward (RMSNorm, fused qkv split per query group, Qwen3's per-head q/k norms,
+RoPE, causal softmax attention, output projection, residual, SwiGLU MLP, residual, final norm,
+head); tests/ppo/test_rollout.py (Llama) and tests/models/test_qwen3_decode.py (Qwen3) check that
+its logits equal the megatron forward's at TP1 and TP2 (fp32) and that greedy tokens are identical.
+Scope: the local (non-TE) layer spec, which is what runs on CPU; a model built with
 another spec (transformer-engine, where the norm lives inside the qkv linear) goes through the
 module's own forward calls for those layers (``_linear`` below), untested here without a GPU.
 """
@@ -112,8 +113,11 @@ class KVCacheDecoder:
         qkv = self._linear(attn.linear_qkv, x)  # [b, s, ng * (np/ng + 2) * d]
         per_group = self.heads // self.kv_heads
         qkv = qkv.view(b, s, self.kv_heads, per_group + 2, self.head_dim)
-        q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim).transpose(1, 2)  # [b, np, s, d]
-        k = qkv[:, :, :, per_group].transpose(1, 2)  # [b, ng, s, d]
+        q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim)  # [b, s, np, d]
+        k = qkv[:, :, :, per_group]  # [b, s, ng, d]
+        if attn.q_layernorm is not None:  # Qwen3: per-head RMSNorm over d, before RoPE (megatron's order)
+            q, k = attn.q_layernorm(q), attn.k_layernorm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, np, s, d], [b, ng, s, d]
         v = qkv[:, :, :, per_group + 1].transpose(1, 2)
         end = start + s
         self.keys[index, :, :, start:end] = rope.rotate(k, *angles)

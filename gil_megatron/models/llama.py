@@ -55,6 +55,7 @@ def transformer_config(arch: LlamaArchConfig, params_dtype: torch.dtype = torch.
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,  # Qwen2: q/k/v only
+        qk_layernorm=arch.qk_norm,  # Qwen3: RMSNorm of each query / key head over head_dim, before RoPE
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -135,7 +136,7 @@ class LlamaModel(GPTModel):
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         config = config or transformer_config(arch, params_dtype)
-        spec = layer_spec()
+        spec = layer_spec(arch.qk_norm)
         tied = arch.tie_word_embeddings and role == "actor"
         super().__init__(
             config=config,
@@ -210,12 +211,13 @@ class LlamaModel(GPTModel):
         return logits.transpose(0, 1).contiguous()  # [b, s, V/tp]
 
 
-def layer_spec():
+def layer_spec(qk_norm: bool = False):
     """transformer-engine's spec on GPU when importable (its attention takes packed thd input);
-    megatron-core's local spec otherwise, with a core attention that also takes packed input."""
+    megatron-core's local spec otherwise, with a core attention that also takes packed input.
+    ``qk_norm``: the attention's q_layernorm / k_layernorm are RMSNorms over head_dim (Qwen3)."""
     if HAVE_TE and torch.cuda.is_available():
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
 

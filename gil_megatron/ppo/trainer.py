@@ -67,19 +67,24 @@ class PPOTrainer:
         dtype = resolve_dtype(m.dtype)
         self._check_memory(dtype)
         self.tokenizer_dir = m.tokenizer or m.actor
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir, "models.tokenizer" if m.tokenizer else "models.actor")
         self.pad_id = pad_token_id(self.tokenizer)
-        self.actor = model_from_checkpoint(m.actor, "actor", self.layout, dtype)
-        self.reference = model_from_checkpoint(m.reference or m.actor, "actor", self.layout, dtype, trainable=False)
+        sources = self._model_sources()
+
+        def build(name: str, **kw):
+            path, role, key = sources[name]
+            return model_from_checkpoint(path, role, self.layout, dtype, key=key, **kw)
+
+        self.actor = build("actor")
+        self.reference = build("reference", trainable=False)
         self.critic = self.critic_train = None  # critic-free algorithms (grpo, rloo, reinforce_pp) have none
         # the critic's task-value output is fitted when GIL's performance G reads it (docs/design.md 4.1)
         self.fits_task_value = self.algo.group_inference and cfg.gil.performance == "prompt_value"
         if self.algo.uses_critic:
-            self.critic = model_from_checkpoint(m.critic or m.reward_model or m.actor, "critic", self.layout, dtype,
-                                                num_groups=cfg.gil.num_groups)
+            self.critic = build("critic", num_groups=cfg.gil.num_groups)
             self.critic.detach_group_trunk = cfg.gil.detach_trunk
         if m.reward_model:
-            self.reward_model = model_from_checkpoint(m.reward_model, "reward", self.layout, dtype, trainable=False)
+            self.reward_model = build("reward_model", trainable=False)
             self.reward_fn = None
         else:
             self.reward_model, self.reward_fn = None, RewardFunction(m.reward_fn)
@@ -112,18 +117,31 @@ class PPOTrainer:
         self.high_group_flips = 0
         self._resume()
 
-    def _check_memory(self, dtype: torch.dtype) -> None:
-        m, cfg = self.cfg.models, self.cfg
-        models = {"actor": (m.actor, "actor"), "reference": (m.reference or m.actor, "actor")}
+    def _model_sources(self) -> Dict[str, Tuple[str, str, str]]:
+        """name -> (model directory, role, the config key that named it) of every model the run
+        holds: the one place that decides where each comes from (reference defaults to the actor,
+        the critic to the reward model, then the actor)."""
+        m = self.cfg.models
+
+        def first(role: str, *keys: str) -> Tuple[str, str, str]:
+            key = next(k for k in keys if getattr(m, k))
+            return getattr(m, key), role, f"models.{key}"
+
+        sources = {"actor": first("actor", "actor"), "reference": first("actor", "reference", "actor")}
         if self.algo.uses_critic:
-            models["critic"] = (m.critic or m.reward_model or m.actor, "critic")
+            sources["critic"] = first("critic", "critic", "reward_model", "actor")
         if m.reward_model:
-            models["reward_model"] = (m.reward_model, "reward")
+            sources["reward_model"] = first("reward", "reward_model")
+        return sources
+
+    def _check_memory(self, dtype: torch.dtype) -> None:
+        cfg = self.cfg
+        models = self._model_sources()
         memory.check_run(models, tuple(n for n in ("actor", "critic") if n in models), self.layout,
                          max(cfg.ppo.micro_batch_size, cfg.rollout.micro_batch_size),
                          cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, dtype,
                          micro_batch_key="ppo.micro_batch_size", decode_rows=self._decode_rows(),
-                         offloaded=device_offloaded(cfg.offload, {n: p for n, (p, _) in models.items()}))
+                         offloaded=device_offloaded(cfg.offload, {n: p for n, (p, _, _) in models.items()}))
 
     def _decode_rows(self) -> int:
         local = self.cfg.rollout.batch_size * self.cfg.rollout.n_samples_per_prompt // self.dp

@@ -49,7 +49,7 @@ from gil_megatron.data import (
 )
 from gil_megatron.models.build import load_tokenizer, model_from_checkpoint, resolve_dtype
 from gil_megatron.models.pipeline import run_microbatches
-from gil_megatron.models.weights import CheckpointError
+from gil_megatron.models.weights import CheckpointError, checkpoint_format
 from gil_megatron.parallel import distributed
 from gil_megatron.parallel.distributed import ParallelLayout
 from gil_megatron.training import memory
@@ -113,9 +113,9 @@ class Stage:
                             dtype=torch.long, device=self.device)
 
     # -- models -------------------------------------------------------------------------------
-    def frozen_models(self) -> Dict[str, Tuple[str, str]]:
-        """Models held besides the trained one, {name: (model directory, role)} (for the memory
-        check; DPO: its reference)."""
+    def frozen_models(self) -> Dict[str, Tuple[str, str, str]]:
+        """Models held besides the trained one, {name: (model directory, role, config key)} (for the
+        memory check; DPO: its reference)."""
         return {}
 
     def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
@@ -326,8 +326,9 @@ def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
     cfg = load_config(stage_cls.schema, yaml_path, overrides)
     if not os.path.isdir(cfg.init):
         raise CheckpointError(f"init={cfg.init}: no such model directory (tools/init_model.py writes a fresh one)")
+    checkpoint_format(cfg.init, key="init")  # ours or Hugging Face's, else one line naming the key
     tokenizer_dir = cfg.tokenizer or cfg.init
-    stage = stage_cls(cfg, load_tokenizer(tokenizer_dir))
+    stage = stage_cls(cfg, load_tokenizer(tokenizer_dir, "tokenizer" if cfg.tokenizer else "init"))
     train_set = stage.load_dataset(cfg.data.train)
     eval_set = stage.load_dataset(cfg.data.eval) if cfg.data.eval else None
     stage.set_groups(train_set, eval_set)
@@ -338,10 +339,10 @@ def build_run(stage_cls, argv: Sequence[str]) -> StageRun:
         raise ConfigError(f"train.eval_batch_size={cfg.train.eval_batch_size} must be divisible by "
                           f"the data-parallel size {layout.dp}")
     dtype = resolve_dtype("auto")
-    memory.check_run({MODEL_KEY: (cfg.init, stage.role), **stage.frozen_models()}, (MODEL_KEY,), layout,
+    memory.check_run({MODEL_KEY: (cfg.init, stage.role, "init"), **stage.frozen_models()}, (MODEL_KEY,), layout,
                      cfg.train.micro_batch_size * stage.rows_per_example, cfg.data.max_length, dtype,
                      micro_batch_key="train.micro_batch_size")
-    model = model_from_checkpoint(cfg.init, stage.role, layout, dtype)
+    model = model_from_checkpoint(cfg.init, stage.role, layout, dtype, key="init")
     trainable = Trainable(model, cfg.optim, recompute=cfg.train.recompute)
     stage.setup(layout, dtype)
     loader = DataLoader(train_set, cfg.train.global_batch_size, seed=cfg.seed, pad_token_id=stage.pad_id,

@@ -36,11 +36,12 @@ class DPOStage(PairStage):
     summary = ("eval/accuracy", "eval/loss", "eval/rewards/margin", "train/loss")
 
     def frozen_models(self):
-        return {"reference": (self.cfg.reference or self.cfg.init, "actor")}
+        key = "reference" if self.cfg.reference else "init"
+        return {"reference": (getattr(self.cfg, key), "actor", key)}
 
     def setup(self, layout: ParallelLayout, dtype: torch.dtype) -> None:
-        self.reference = model_from_checkpoint(self.cfg.reference or self.cfg.init, "actor", layout, dtype,
-                                               trainable=False)
+        path, role, key = self.frozen_models()["reference"]
+        self.reference = model_from_checkpoint(path, role, layout, dtype, trainable=False, key=key)
 
     @torch.no_grad()
     def before_forward(self, mbs: List[Dict[str, torch.Tensor]]) -> None:

@@ -102,16 +102,18 @@ def check_fits(estimate_: MemoryEstimate, headroom: float = 0.9, micro_batch_key
             f"(GIL_MEGATRON_SKIP_MEMORY_CHECK=1 skips this check)")
 
 
-def check_run(models: Mapping[str, Tuple[str, str]], trained: Sequence[str], layout: ParallelLayout,
+def check_run(models: Mapping[str, Tuple[str, str, str]], trained: Sequence[str], layout: ParallelLayout,
               micro_batch: int, seq_len: int, dtype: torch.dtype, *, micro_batch_key: str, decode_rows: int = 0,
               offloaded: Sequence[str] = ()) -> MemoryEstimate:
     """Before any model is built: estimate a run's per-rank memory from its models' checkpoints
-    (``models``: name -> (model directory, role)), print it with the layout on rank 0 and refuse a
-    configuration that cannot fit (MemoryError naming ``micro_batch_key`` among the fixes)."""
-    archs = {name: arch_of(path)[0] for name, (path, _) in models.items()}
+    (``models``: name -> (model directory, role, the config key that named it)), print it with the
+    layout on rank 0 and refuse a configuration that cannot fit (MemoryError naming
+    ``micro_batch_key`` among the fixes). A directory of neither format fails here, in one line
+    naming its key."""
+    archs = {name: arch_of(path, key)[0] for name, (path, _, key) in models.items()}
     est = estimate(archs, tuple(trained), layout.tp, layout.pp, micro_batch, seq_len, torch.finfo(dtype).bits // 8,
                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), offloaded=tuple(offloaded), decode_rows=decode_rows,
-                   roles={name: role for name, (_, role) in models.items()})
+                   roles={name: role for name, (_, role, _) in models.items()})
     if distributed.is_rank0():
         print(f"[gil_megatron] layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; {est.describe()}", flush=True)
     check_fits(est, micro_batch_key=micro_batch_key)

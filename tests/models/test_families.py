@@ -1,13 +1,14 @@
-"""Llama-3 rope_scaling, linear RoPE scaling, Qwen2 (q/k/v bias, tied and untied) and Mistral:
-converted checkpoints give transformers' logits at TP2, PP2 and TP2xPP2, and convert back
-bit-identically. Unsupported variants are refused with one line that names the field."""
+"""Llama-3 rope_scaling, linear RoPE scaling, Qwen2 (q/k/v bias, tied and untied), Mistral and Qwen3
+(per-head q/k RMSNorm, head_dim != hidden / heads, tied and untied): converted checkpoints give
+transformers' logits at TP2, PP2 and TP2xPP2, and convert back bit-identically. Unsupported
+variants are refused with one line that names the field."""
 
 import json
 import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 from dist_utils import spawn
 from hf_files import read_all
@@ -23,9 +24,13 @@ FAMILIES = {
     "qwen2": (Qwen2Config, dict(vocab_size=100, rope_theta=1000000.0)),
     "qwen2_tied_odd_vocab": (Qwen2Config, dict(vocab_size=1001, tie_word_embeddings=True)),
     "mistral": (MistralConfig, dict(vocab_size=100, sliding_window=None)),
+    # head_dim 32 != hidden / heads = 16, so q/k/o shapes differ from a Llama's
+    "qwen3": (Qwen3Config, dict(vocab_size=100, head_dim=32, rope_theta=1000000.0)),
+    "qwen3_tied_odd_vocab": (Qwen3Config, dict(vocab_size=1001, head_dim=16, tie_word_embeddings=True)),
 }
-# scaled RoPE through the KV cache (positions offset step by step): greedy tokens at TP2xPP2
-GENERATE = ("llama3", "llama_linear")
+# scaled RoPE and Qwen3's q/k norms through the KV cache (positions offset step by step): greedy
+# tokens at TP2xPP2
+GENERATE = ("llama3", "llama_linear", "qwen3")
 PROMPT_LENGTHS = (7, 4)
 MAX_NEW = 6
 
@@ -136,6 +141,15 @@ def test_round_trip_is_bit_identical(tmp_path, name):
     (MistralConfig, dict(sliding_window=16), "sliding_window=16 < max_position_embeddings=64"),
     (Qwen2Config, dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding_window=16"),
     (LlamaConfig, dict(attention_bias=True), "attention_bias=True"),
+    (Qwen3Config, dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+     "config.json layer_types[1]='sliding_attention' with sliding_window=16 < max_position_embeddings=64"),
+    (Qwen3Config, dict(layer_types=["sliding_attention", "full_attention"], use_sliding_window=True, sliding_window=32),
+     "layer_types[0]='sliding_attention' with sliding_window=32"),
+    (Qwen3Config, dict(attention_bias=True), "config.json attention_bias=True: only bias-free Qwen3"),
+    (Qwen3Config, dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                        "rope_theta": 1e6}), "rope_type='yarn'"),
+    (Qwen3Config, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}), "rope_type='dynamic'"),
+    (Qwen3MoeConfig, dict(), "model_type='qwen3_moe' does not convert"),
 ])
 def test_unsupported_variants_are_refused(cls, overrides, expected):
     from gil_megatron.models.config import LlamaArchConfig
@@ -144,6 +158,20 @@ def test_unsupported_variants_are_refused(cls, overrides, expected):
     with pytest.raises(ValueError) as info:
         LlamaArchConfig.from_hf_dict(hf)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_qwen3_without_layer_types_refuses_use_sliding_window():
+    """A config.json written before transformers listed layer_types: the sliding layers are those
+    from max_window_layers on, as transformers derives them."""
+    from gil_megatron.models.config import LlamaArchConfig
+
+    hf = Qwen3Config(**{**TINY, "vocab_size": 100, "use_sliding_window": True, "sliding_window": 16,
+                        "max_window_layers": 1}).to_dict()
+    del hf["layer_types"]
+    with pytest.raises(ValueError, match=r"use_sliding_window=True \(layers 1..1\) with sliding_window=16"):
+        LlamaArchConfig.from_hf_dict(hf)
+    hf["max_window_layers"] = 2  # no layer slides: full attention everywhere, converts
+    assert LlamaArchConfig.from_hf_dict(hf).qk_norm
 
 
 def test_mistral_window_longer_than_the_context_converts():

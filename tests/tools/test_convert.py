@@ -86,6 +86,38 @@ def test_reward_and_critic_heads_match_transformers(tmp_path, capsys):
     assert critic_score[2:].abs().sum() > 0  # group rows not all equal -> assignments not uniform
 
 
+def test_qwen3_reward_and_critic_convert_both_ways(tmp_path, capsys):
+    """Qwen3ForSequenceClassification: a reward model at TP2 and a critic seeded from it at PP2 give
+    transformers' scores; the reward model's round trip is bit-identical and exports as Qwen3."""
+    from transformers import AutoConfig, Qwen3Config, Qwen3ForSequenceClassification
+
+    torch.manual_seed(5)
+    config = Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+                         num_labels=1, pad_token_id=0)
+    model = Qwen3ForSequenceClassification(config)
+    with torch.no_grad():  # q/k norms away from 1, so a dropped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    hf_rm = save(model, tmp_path / "rm")
+    convert("--load-dir", hf_rm, "--save-dir", str(tmp_path / "rm_tp2"), "--target-tensor-parallel-size", "2",
+            "--model-type", "reward")
+    convert("--load-dir", hf_rm, "--save-dir", str(tmp_path / "critic"), "--target-pipeline-parallel-size", "2",
+            "--model-type", "critic")
+    assert "value and task-value rows loaded from a reward model" in capsys.readouterr().out
+    diffs = spawn(_verify, 2, ["--load-dir", str(tmp_path / "rm_tp2"), "--hf-dir", hf_rm])
+    print(f"verify qwen3 reward tp=2 max_abs_diff={diffs[0]:.2e}")
+    assert diffs[0] < 1e-4
+    convert("--to-hf", "--load-dir", str(tmp_path / "rm_tp2"), "--save-dir", str(tmp_path / "rm_back"))
+    original, back = read_all(hf_rm), read_all(str(tmp_path / "rm_back"))
+    assert original.keys() == back.keys() and all(torch.equal(back[k], t) for k, t in original.items())
+    assert AutoConfig.from_pretrained(str(tmp_path / "rm_back")).architectures == ["Qwen3ForSequenceClassification"]
+    convert("--to-hf", "--load-dir", str(tmp_path / "critic"), "--save-dir", str(tmp_path / "critic_hf"))
+    spawn(_verify, 2, ["--load-dir", str(tmp_path / "critic"), "--hf-dir", str(tmp_path / "critic_hf")])
+    assert torch.equal(read_all(str(tmp_path / "critic_hf"))["score.weight"][0], original["score.weight"][0])
+
+
 def test_verify_tool_under_torchrun(tmp_path):
     """The user's command: convert at TP2, verify with torchrun; last line is the max difference."""
     torch.manual_seed(2)

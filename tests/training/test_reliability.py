@@ -99,7 +99,7 @@ def test_bad_inputs_fail_with_one_line(mini, tmp_path):  # noqa: F811
         "missing field": (argv(**{"data.train_prompts": str(bad / "nofield.jsonl")}), "prompt"),
         "prompt too long": (argv(**{"data.max_prompt_length": 3}), "max_prompt_length"),
         "missing checkpoint": (argv(**{"models.actor": str(bad / "nope")}), "does not exist"),
-        "not our format": (argv(**{"models.actor": str(bad / "hf_like")}), "convert a HF model"),
+        "not our format": (argv(**{"models.actor": str(bad / "hf_like")}), "is neither a gil_megatron model directory"),
         "head shape": (argv(**{"models.critic": models["critic3"]}), "shape of 'output_layer.score.weight'"),
         "resume old format": (overrides(mini, bad / "run_other", **{"parallel.tp": 2, "checkpoint.resume": "auto"}),
                               "older checkpoint format"),
