@@ -5,6 +5,7 @@ See benchmarks/compare/__init__.py for the files' keys and what the outputs hold
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-per-group", type=int,
                    help=f"evaluate the first N prompts of each group (default all; --quick {QUICK_PROMPTS_PER_GROUP})")
     p.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
+    p.add_argument("--fresh", action="store_true", help="re-run the selected runs even when finished")
+    p.add_argument("--results", metavar="DIR",
+                   help="also copy table.md, table.json, runs.json and the plots here (e.g. benchmarks/results/NAME)")
     p.add_argument("--list", action="store_true", help="print the protocol's arms and runs, then exit")
     p.add_argument("--from-legacy", metavar="RUNS_JSON",
                    help="report an old benchmarks/gil_vs_ppo.py runs.json under this protocol (no runs)")
@@ -86,7 +90,7 @@ def run(args, command: str) -> int:
             print(f"{r.name:28s} {state:9s} algo={arm.algo:20s} " + " ".join(arm.overrides))
         return 0
     runner.check_runs(task, [r for r in all_runs if r.arm in selected])
-    pending = [r for r in all_runs if r.arm in selected and not runner.finished(r)]
+    pending = [r for r in all_runs if r.arm in selected and (args.fresh or not runner.finished(r))]
     t0 = time.time()
     if args.report_only:
         if pending:
@@ -104,8 +108,13 @@ def run(args, command: str) -> int:
     doc = report.build_document(task, protocol, results, planned, command=command, git=runner.git_state(),
                                 provenance=provenance, eval_per_group=per_group, iterations=iterations)
     text = report.write_report(workdir, task, protocol, results, doc)
-    plots.make_plots(workdir, task, protocol, results, doc)
+    figures = plots.make_plots(workdir, task, protocol, results, doc)
     print(text, flush=True)
+    if args.results:
+        os.makedirs(args.results, exist_ok=True)
+        for path in [os.path.join(workdir, n) for n in ("table.md", "table.json", "runs.json")] + figures:
+            shutil.copy(path, args.results)
+        log(f"copied the table, runs.json and {len(figures)} plot(s) to {args.results}")
     ran = 0 if args.report_only else len(pending)
     log(f"{ran} run(s) trained in {(time.time() - t0) / 60:.1f} min, {len(results) - ran} reused; "
         f"table.md, table.json, runs.json and plots in {workdir}")

@@ -19,7 +19,7 @@ KEYS = {"gold": "gold_eval", "worst_group": "worst_group_eval", "worst_group_nam
         "ood_worst_group_name": "worst_group_ood_name", "rm_score": "reward_eval", "evasion": "hard.hack_rate",
         "kl_to_sft": "kl_to_sft", "ood_kl_to_sft": "kl_to_sft_ood", "collapsed": "collapsed",
         "agreement_easy_hard": "agreement_easy_hard", "agreement_baseline": "agreement_baseline",
-        "proxy_minus_gold": "proxy_minus_gold", "response_length": "response_length"}
+        "proxy_minus_gold": "proxy_minus_gold", "response_length": "response_length", "iter_per_min": "iter_per_min"}
 
 
 def _put(d: dict, dotted: str, value) -> None:

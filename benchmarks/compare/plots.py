@@ -7,6 +7,7 @@
     per_group_kl.png     KL to SFT per group on eval
     hack_rate.png        the hack indicator's rate per group on eval
     training_curves.png  trained-on reward, gold and KL over iterations (mean over seeds, smoothed)
+    diagnostics_curves.png  the protocol's diagnostics (training metrics) over iterations
 """
 
 import os
@@ -112,18 +113,44 @@ def curves_plot(plt, workdir: str, protocol: Protocol, results: Sequence[RunResu
         return None
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     for ax, (key, title) in zip(axes, CURVES):
-        for arm in protocol.arms:
+        for i, arm in enumerate(protocol.arms):  # one colour per arm in every panel
             series = [[m[key] for m in r.metrics if isinstance(m.get(key), (int, float))]
                       for r in results if r.arm == arm.name and r.metrics]
             series = [s for s in series if s]
             if series:
-                ax.plot(*_smoothed_mean(series), lw=1.2, label=arm.name)
+                ax.plot(*_smoothed_mean(series), lw=1.2, label=arm.name, color=f"C{i % 10}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     return _save(fig, workdir, "training_curves.png")
+
+
+def diagnostics_plot(plt, workdir: str, protocol: Protocol, results: Sequence[RunResult]):
+    """The protocol's diagnostics (training metrics) over iterations, one panel each."""
+    keys = [(name, key) for name, key in protocol.diagnostics.items()
+            if any(key in m for r in results for m in r.metrics)]
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, key) in zip(axes.ravel(), keys):
+        for i, arm in enumerate(protocol.arms):
+            series = [[m[key] for m in r.metrics if isinstance(m.get(key), (int, float))]
+                      for r in results if r.arm == arm.name and r.metrics]
+            series = [x for x in series if x]
+            if series:
+                ax.plot(*_smoothed_mean(series), lw=1.0, label=arm.name, color=f"C{i % 10}")
+        ax.set_title(f"{name} ({key})", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    handles = {h.get_label(): h for ax in axes.ravel() for h in ax.get_lines()}
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=6)
+    fig.tight_layout()
+    return _save(fig, workdir, "diagnostics_curves.png")
 
 
 def make_plots(workdir: str, task: Task, protocol: Protocol, results: Sequence[RunResult], doc: dict) -> List[str]:
@@ -140,5 +167,6 @@ def make_plots(workdir: str, task: Task, protocol: Protocol, results: Sequence[R
                              ("hack_rate", "hack rate per group, eval", "hack_rate.png")):
         out.append(group_bars(plt, workdir, task, arms, key, title, name))
     out.append(curves_plot(plt, workdir, protocol, results))
+    out.append(diagnostics_plot(plt, workdir, protocol, results))
     plt.close("all")
     return [p for p in out if p]

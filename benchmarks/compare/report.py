@@ -121,6 +121,8 @@ def summarize_run(samples: Dict[str, List[dict]], metrics: Sequence[dict], task:
         if any(masses):
             diag["minority_mass"] = _mean(min(ms) for ms in masses if ms)
         s["diagnostics"] = diag
+        steps = [m["time/step_s"] for m in metrics if isinstance(m.get("time/step_s"), (int, float))]
+        s["iter_per_min"] = 60.0 / _mean(steps) if steps else None
     return s
 
 
@@ -429,6 +431,14 @@ def table_markdown(task: Task, protocol: Protocol, doc: dict) -> str:
               + "; mean ± sd over seeds. gold = the task's gold function" + ("" if task.gold else " (= the reward)")
               + "; worst group = the lowest group mean; KL to SFT = exact KL summed over response tokens; "
               "hack rate = mean of the task's hack indicator.", ""]
+    timed = [r for r in doc.get("timing", [])]
+    if timed:
+        train = _mean(t.get("train_s") for t in timed)
+        evals = _mean(t.get("eval_s") for t in timed)
+        speed = _mean(t.get("iter_per_min") for t in timed)
+        lines += [f"Timing: {len(timed)} run(s); per run {train or 0:.0f} s training + {evals or 0:.0f} s evaluation"
+                  + (f", {speed:.0f} iterations/min" if speed else "") + f" (TP={task.tp} on {task.nproc} rank(s)).",
+                  ""]
     cols = main_columns(task, arms)
     head = ["arm", "runs"] + [h for _, h, _ in cols] + ["collapsed"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -525,9 +535,11 @@ def build_document(task: Task, protocol: Protocol, results: Sequence[RunResult],
     comparisons = compare(protocol, results)
     win = check_rule(protocol.win_rule, arms, comparisons) if protocol.win_rule else None
     preds = [check_rule(p, arms, comparisons) for p in protocol.predictions]
+    timing = [{"run": r.name, "train_s": r.info.get("train_s"), "eval_s": r.info.get("eval_s"),
+               "iter_per_min": r.summary.get("iter_per_min")} for r in results if r.info.get("eval_s") is not None]
     return {"command": command, "git": git, "task": provenance.get("task"), "protocol": provenance.get("protocol"),
             "iterations": iterations, "eval_per_group": eval_per_group, "arms": arms, "comparisons": comparisons,
-            "win_rule": win, "predictions": preds, "verdict": verdict(protocol, win)}
+            "win_rule": win, "predictions": preds, "verdict": verdict(protocol, win), "timing": timing}
 
 
 def _json_safe(x):
