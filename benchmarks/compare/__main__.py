@@ -33,6 +33,8 @@ def parse_args(argv=None):
                    help=f"evaluate the first N prompts of each group (default all; --quick {QUICK_PROMPTS_PER_GROUP})")
     p.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     p.add_argument("--fresh", action="store_true", help="re-run the selected runs even when finished")
+    p.add_argument("--allow-uncommitted", action="store_true",
+                   help="train although the task or protocol file has uncommitted changes (the report says so)")
     p.add_argument("--results", metavar="DIR",
                    help="also copy table.md, table.json, runs.json and the plots here (e.g. benchmarks/results/NAME)")
     p.add_argument("--list", action="store_true", help="print the protocol's arms and runs, then exit")
@@ -96,7 +98,11 @@ def run(args, command: str) -> int:
         if pending:
             log(f"report only: {len(pending)} run(s) not finished: {', '.join(r.name for r in pending)}")
     elif pending:
-        runner.launch(task, pending, workdir, per_group, log=log)
+        unregistered = [p["path"] for p in provenance.values() if not p.get("committed")]
+        if unregistered and not (args.quick or args.allow_uncommitted):
+            raise SpecError(f"{unregistered[0]} is not committed as it is (pre-registration: commit the task and "
+                            "protocol files before their runs); --quick or --allow-uncommitted run anyway")
+        runner.launch(task, pending, workdir, per_group, provenance, log=log)
     else:
         log("every selected run is finished already (reused by fingerprint)")
     results = [x for r in all_runs

@@ -34,8 +34,12 @@ def _point(r: RunResult, metric: str):
     return (kl, y) if kl is not None and y is not None else None
 
 
+FOOTER = {"text": ""}  # the commit and command, stamped on every figure (make_plots sets it)
+
+
 def _save(fig, workdir: str, name: str) -> str:
     path = os.path.join(workdir, name)
+    fig.text(0.005, 0.003, FOOTER["text"], fontsize=5, color="gray", ha="left", va="bottom")
     fig.savefig(path, dpi=80)
     return path
 
@@ -160,6 +164,8 @@ def make_plots(workdir: str, task: Task, protocol: Protocol, results: Sequence[R
     import matplotlib.pyplot as plt
 
     arms = doc["arms"]
+    git = doc.get("git") or {}
+    FOOTER["text"] = f"commit {str(git.get('commit'))[:12]}{'+dirty' if git.get('dirty') else ''}: {doc['command']}"
     out = [frontier_plot(plt, workdir, protocol, results)]
     for key, title, name in (("gold_eval", "gold per group, eval", "per_group_gold.png"),
                              ("gold_ood", "gold per group, OOD", "per_group_gold_ood.png"),

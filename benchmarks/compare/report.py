@@ -561,8 +561,8 @@ def write_report(workdir: str, task: Task, protocol: Protocol, results: Sequence
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(text)
     runs = {r.name: {"arm": r.arm, "seed": r.seed, "failed": r.failed, "summary": r.summary,
-                     **{k: r.info.get(k) for k in ("fingerprint", "train_s", "eval_s", "iterations", "git")
-                        if k in r.info}} for r in results}
+                     **{k: r.info.get(k) for k in ("fingerprint", "train_s", "eval_s", "iterations", "git",
+                                                   "provenance") if k in r.info}} for r in results}
     with open(os.path.join(workdir, "runs.json"), "w") as f:
         json.dump(_json_safe({"command": doc["command"], "git": doc["git"], "task": doc["task"],
                               "protocol": doc["protocol"], "runs": runs}), f, indent=1)

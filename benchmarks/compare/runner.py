@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -214,7 +215,7 @@ def file_provenance(path: str) -> dict:
         except (OSError, subprocess.CalledProcessError):
             return None
 
-    rel = os.path.relpath(path, ROOT)
+    rel = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
     committed = git("ls-files", "--error-unmatch", path) is not None
     return {"path": rel, "blob": git("hash-object", path),
             "commit": git("log", "-1", "--format=%H", "--", path) if committed else None,
@@ -230,21 +231,21 @@ def python() -> str:
     return os.environ.get("PYTHON") or sys.executable
 
 
-def launch(task: Task, runs: Sequence[Run], workdir: str, eval_per_group: int, log=print) -> int:
-    """Train and evaluate the runs in one torchrun launch; returns how many ran."""
+def launch(task: Task, runs: Sequence[Run], workdir: str, eval_per_group: int, provenance: dict,
+           log=print) -> int:
+    """Train and evaluate the runs in one torchrun launch; returns how many ran. ``provenance``
+    (the task and protocol files' git blobs) goes into every run's eval.json."""
     if not runs:
         return 0
     for run in runs:
         if os.path.isdir(run.run_dir):
-            import shutil
-
             shutil.rmtree(run.run_dir)  # a stale or half-finished run: its fingerprint does not match
     os.makedirs(workdir, exist_ok=True)
     tag = hashlib.sha1(" ".join(r.name for r in runs).encode()).hexdigest()[:8]
     plan_path = os.path.join(workdir, f"plan_{tag}.json")
     with open(plan_path, "w") as f:
         json.dump({"task": dataclasses.asdict(task), "eval_per_group": eval_per_group, "git": git_state(),
-                   "runs": [dataclasses.asdict(r) for r in runs]}, f, indent=1)
+                   "provenance": provenance, "runs": [dataclasses.asdict(r) for r in runs]}, f, indent=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([*task.pythonpath, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [python(), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(task.nproc),
@@ -376,7 +377,7 @@ def main(plan_path: str) -> None:
     for r in plan["runs"]:
         run = Run(**r)
         t0 = time.perf_counter()
-        info = {"fingerprint": run.fingerprint, "run": r, "git": plan["git"]}
+        info = {"fingerprint": run.fingerprint, "run": r, "git": plan["git"], "provenance": plan["provenance"]}
         if run.kind == "policy":
             layout = distributed.initialize(task.tp, 1, seed=0)
             sft = model_from_checkpoint(task.policy, "actor", layout, trainable=False)

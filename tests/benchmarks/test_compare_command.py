@@ -38,13 +38,13 @@ def tiny_task(mini, tmp_path):
     return protocol
 
 
-def launch(tmp_path, *extra):
+def launch(tmp_path, *extra, quick=True, status=0):
     cmd = [sys.executable, "-m", "benchmarks.compare", "--task", str(tmp_path / "task.yaml"),
-           "--protocol", str(tmp_path / "protocol.yaml"), "--workdir", str(tmp_path / "work"), "--quick",
-           "--iterations", "2", "--eval-per-group", "4", *extra]
+           "--protocol", str(tmp_path / "protocol.yaml"), "--workdir", str(tmp_path / "work"),
+           *(["--quick"] if quick else []), "--iterations", "2", "--eval-per-group", "4", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout if status == 0 else proc.stderr
 
 
 def test_quick_command_end_to_end_and_reuse(mini, tmp_path):
@@ -83,6 +83,13 @@ def test_quick_command_end_to_end_and_reuse(mini, tmp_path):
     out = launch(tmp_path)
     assert "every selected run is finished already" in out and "run(s) to train" not in out
     assert stamps == {p: os.path.getmtime(work / "runs" / p / "eval.json") for p in stamps}
+
+    # a full (not --quick) launch refuses to train under task / protocol files that git does not hold
+    err = launch(tmp_path, quick=False, status=2)
+    assert err.strip().splitlines() == [f"error: {tmp_path / 'task.yaml'} is not committed as it is (pre-registration: "
+                                        "commit the task and protocol files before their runs); --quick or "
+                                        "--allow-uncommitted run anyway"]
+    assert not (work / "runs" / "gil_t2_s8").exists()
 
     # changing one arm's overrides re-runs that arm only (its fingerprint changed)
     protocol["arms"][1]["overrides"] = {"gil.beta_policy": 0.5}
