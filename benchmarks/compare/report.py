@@ -226,8 +226,8 @@ def frontier_comparison(protocol: Protocol, results: Sequence[RunResult], a: str
             out["note"] = f"runs were evaluated on different {set_name} prompts"
             return out
 
-        def arrays(rs):
-            return [(_per_prompt(r, set_name)[1], _per_prompt(r, set_name)[2]) for r in rs]
+        def arrays(rs):  # [(gold [P], kl [P])] per run
+            return [_per_prompt(r, set_name)[1:3] for r in rs]
 
         anc = arrays(anchor[:1])[0] if anchor else None
         res = stats.frontier_gap_bootstrap([arrays(rs) for rs in runs[a]], [arrays(rs) for rs in runs[b]], groups,
