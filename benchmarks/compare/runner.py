@@ -35,7 +35,7 @@ from benchmarks.compare.spec import Arm, Protocol, Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENGINE_PATTERNS = ("gil_megatron/**/*.py", "csrc/**/*")
-STEPS_KEY = "train.iterations"  # the engine's key for the number of PPO iterations
+STEPS_KEY = "train.steps"  # the engine's key for the number of PPO iterations
 
 
 @dataclass
@@ -407,7 +407,7 @@ def main(plan_path: str) -> None:
                 rm = model_from_checkpoint(task.reward, "reward", trainer.layout, trainable=False)
             critic = trainer.critic if trainer.algo.group_inference else None
             samples = evaluate(task, trainer.actor, trainer.reference, tokenizer, datasets, reward_model=rm,
-                               critic=critic, group_level=trainer.params.group_level)
+                               critic=critic, group_level=trainer.params.gil.group_level)
             info["eval_s"] = time.perf_counter() - t0 - info["train_s"]
             del trainer, rm, critic
         if distributed.is_rank0():

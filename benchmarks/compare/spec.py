@@ -230,7 +230,7 @@ def check_task_paths(task: Task) -> None:
     where = task.path
     if not os.path.isfile(os.path.join(task.policy, "gil_megatron.json")):
         _fail(where, f"policy={task.policy}: not a model directory of ours (no gil_megatron.json); "
-                     "make it with the task's stages (e.g. bash examples/run_gil_ppo.sh train.iterations=0)")
+                     "make it with the task's stages (the miniature: bash examples/run_gil_ppo.sh train.steps=0)")
     if not task.reward_is_function and not os.path.isfile(os.path.join(task.reward, "gil_megatron.json")):
         _fail(where, f"reward={task.reward}: not a reward-model directory (no gil_megatron.json) and not "
                      "'module:function'")
