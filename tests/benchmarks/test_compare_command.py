@@ -71,7 +71,9 @@ def test_quick_command_end_to_end_and_reuse(mini, tmp_path):
     assert {"set", "prompt", "group", "response", "reward", "gold", "hack", "kl", "inferred_group"} <= set(recs[0])
     metrics = [json.loads(line) for line in open(work / "runs" / "gil_t2_s7" / "metrics.jsonl")]
     assert len(metrics) == 2  # --iterations 2
-    # the matching reached the engine: the KL controller moved eta from ppo.kl_coef after iteration 1
+    # the matching reached the engine: the config as the run loaded it, and the KL controller moved eta
+    cfg = json.loads((work / "runs" / "gil_t2_s7" / "config.json").read_text())
+    assert (cfg["ppo"]["target_kl"], cfg["ppo"]["kl_horizon"], cfg["seed"], cfg["algo"]) == (2, 50, 7, "gil")
     assert metrics[0]["kl/coef"] == pytest.approx(0.05) and metrics[1]["kl/coef"] != pytest.approx(0.05)
     for plot in ("frontier.png", "per_group_gold.png", "per_group_kl.png", "training_curves.png"):
         assert (work / plot).stat().st_size > 1000, plot
