@@ -3,8 +3,9 @@
 A run is (arm, seed): the engine's PPO trainer started from the task's SFT policy with the task's
 reward, then a greedy evaluation of the final policy on the task's eval (and OOD) prompts. Every
 sample is written (runs/NAME/samples.jsonl.gz: prompt, group, response, reward, gold, hack, kl, ...);
-eval.json, written last, marks the run finished and holds its fingerprint. A fixed-policy arm (the
-SFT start) is evaluated only.
+eval.json, written last, marks the run finished and holds its fingerprint. The run directory keeps
+the engine's config.json, metrics.jsonl and final model (model/); its training checkpoint is
+deleted. A fixed-policy arm (the SFT start) is evaluated only.
 
 Fingerprint (a run is reused iff it matches): sha256 over the run's engine overrides (without
 run_dir), the base config's content, the task's files (prompt files' content; the policy and
@@ -412,6 +413,9 @@ def main(plan_path: str) -> None:
             del trainer, rm, critic
         if distributed.is_rank0():
             write_run(run.run_dir, samples, info)
+            # the final policy stays in RUN_DIR/model; the training checkpoint (optimizer state, ~8x
+            # its size) is never resumed (checkpoint.resume=none)
+            shutil.rmtree(os.path.join(run.run_dir, "checkpoints"), ignore_errors=True)
             gold = " ".join(f"{n} {sum(x['gold'] for x in recs) / len(recs):.3f}" for n, recs in samples.items())
             timing = f"train {info['train_s']:.0f} s, " if "train_s" in info else ""
             print(f"[compare] {run.name}: {timing}eval {info['eval_s']:.0f} s; gold {gold}", flush=True)
