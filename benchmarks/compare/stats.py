@@ -65,12 +65,16 @@ def frontier(points: Sequence[Point]) -> Tuple[np.ndarray, np.ndarray]:
     return np.asarray(xs), np.asarray([sum(v) / len(v) for v in ys])
 
 
-def interpolate(points: Sequence[Point], x: float) -> float:
-    """The frontier's value at KL ``x``; raises ExtrapolationError outside [min KL, max KL]."""
+def interpolate(points: Sequence[Point], x):
+    """The frontier's value at KL ``x`` (a number or an array); raises ExtrapolationError for any x
+    outside [min KL, max KL]."""
     xs, ys = frontier(points)
-    if not xs[0] <= x <= xs[-1]:
-        raise ExtrapolationError(f"KL {x:g} is outside the frontier's range [{xs[0]:g}, {xs[-1]:g}]")
-    return float(np.interp(x, xs, ys))
+    x_arr = np.asarray(x, dtype=np.float64)
+    if x_arr.size and (x_arr.min() < xs[0] or x_arr.max() > xs[-1]):
+        raise ExtrapolationError(f"KL {x_arr.min():g}..{x_arr.max():g} is outside the frontier's range "
+                                 f"[{xs[0]:g}, {xs[-1]:g}]")
+    out = np.interp(x_arr, xs, ys)
+    return float(out) if out.ndim == 0 else out
 
 
 def common_range(a: Sequence[Point], b: Sequence[Point]) -> Optional[Tuple[float, float]]:
@@ -89,9 +93,9 @@ def frontier_gap(a: Sequence[Point], b: Sequence[Point]) -> float:
         raise ExtrapolationError(f"no common KL range: A covers [{min(xa):g}, {max(xa):g}], "
                                  f"B covers [{min(xb):g}, {max(xb):g}]")
     lo, hi = rng
-    (xa, ya), (xb, yb) = frontier(a), frontier(b)
+    xa, xb = frontier(a)[0], frontier(b)[0]
     knots = np.unique(np.concatenate([[lo, hi], xa[(xa > lo) & (xa < hi)], xb[(xb > lo) & (xb < hi)]]))
-    diff = np.interp(knots, xa, ya) - np.interp(knots, xb, yb)
+    diff = interpolate(a, knots) - interpolate(b, knots)
     return float(np.sum((diff[1:] + diff[:-1]) / 2 * np.diff(knots)) / (hi - lo))
 
 

@@ -18,6 +18,9 @@ def test_interpolation_inside_the_range_only():
     assert stats.interpolate(pts, 0.5) == pytest.approx(0.55)
     assert stats.interpolate(pts, 1.5) == pytest.approx(0.65)
     assert stats.interpolate(pts, 2.0) == pytest.approx(0.7)
+    assert stats.interpolate(pts, [0.0, 0.25, 1.75]).tolist() == pytest.approx([0.5, 0.525, 0.675])
+    with pytest.raises(stats.ExtrapolationError):
+        stats.interpolate(pts, [0.5, 2.5])
     for x in (-0.1, 2.01):
         with pytest.raises(stats.ExtrapolationError):
             stats.interpolate(pts, x)
