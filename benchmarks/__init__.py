@@ -1,0 +1,1 @@
+"""Benchmarks: throughput measurements and the comparison harness (benchmarks/compare)."""
