@@ -14,7 +14,7 @@ things on any policy checkpoint, in the order of the pipeline:
     win_tie_lose         pairwise comparison of two policies on the same prompts with a tie margin
 
 gil_megatron/ppo/report.py turns summaries into report.json, report.md and samples.jsonl;
-``tools/evaluate.py`` is the command line around both; ``benchmarks/gil_vs_ppo.py`` calls
+``tools/evaluate.py`` is the command line around both; ``benchmarks/compare/runner.py`` calls
 ``evaluate_policy`` on the models a finished training run still holds.
 
 Conventions. Score names: ``reward_model`` (a reward-model checkpoint), ``reward_fn`` (a Python
